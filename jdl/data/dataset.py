@@ -1,0 +1,80 @@
+"""The in-memory dataset type that every small-data loader returns.
+
+A `Dataset` is a set of named splits ("train", "test", optionally "validation"),
+each a dict of NumPy arrays with a shared leading example dimension. Inputs are
+under "x" and integer targets under "y"; models and losses read those keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+Split = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Named splits of host arrays plus the facts a model needs.
+
+    Attributes:
+      name: short dataset name, e.g. "mnist".
+      splits: split name -> {"x": array (N, ...), "y": int32 array (N,)}.
+      num_classes: number of target classes (0 for regression).
+      source: one human-readable line saying where the data came from.
+    """
+
+    name: str
+    splits: dict[str, Split]
+    num_classes: int
+    source: str
+
+    def __post_init__(self):
+        for split_name, arrays in self.splits.items():
+            sizes = {key: len(value) for key, value in arrays.items()}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(
+                    f"{self.name}/{split_name}: arrays disagree on the number of examples: {sizes}"
+                )
+
+    def __getitem__(self, split: str) -> Split:
+        if split not in self.splits:
+            raise KeyError(
+                f"{self.name} has no split {split!r}; it has {sorted(self.splits)}"
+            )
+        return self.splits[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self[split]["y"])
+
+
+def stratified_split(
+    split: Split, *, fraction: float, seed: int
+) -> tuple[Split, Split]:
+    """Splits one split into two, keeping class proportions, deterministically.
+
+    Args:
+      split: {"x": (N, ...), "y": int (N,)}.
+      fraction: share of each class that goes to the second part, in (0, 1).
+      seed: fixes which examples go where.
+
+    Returns:
+      (first, second): the two parts, each in a seeded shuffled order.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(split["y"])
+    rng = np.random.default_rng(seed)
+    first_idx, second_idx = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_second = int(round(len(members) * fraction))
+        second_idx.append(members[:n_second])
+        first_idx.append(members[n_second:])
+    first = rng.permutation(np.concatenate(first_idx))
+    second = rng.permutation(np.concatenate(second_idx))
+    return (
+        {key: value[first] for key, value in split.items()},
+        {key: value[second] for key, value in split.items()},
+    )

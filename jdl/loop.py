@@ -1,0 +1,372 @@
+"""`fit`: build -> restore -> chunks of scanned steps -> log / eval / checkpoint.
+
+The loop dispatches `steps_per_dispatch` training steps at a time as one
+compiled program (`lax.scan` over the pure train step, batches drawn on the
+device). Metrics stay on the device until a log, eval or checkpoint boundary
+needs them, so the host never waits on the device inside a chunk. Every chunk
+has the same length and a traced stop step, so the program compiles once:
+chunks that end at a boundary simply skip their remaining iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl.checkpoint import Checkpointer
+from jdl.data.pipeline import InMemoryData
+from jdl.logging import MetricLogger, plot_curves
+from jdl.state import TrainState
+from jdl.steps import EvalStep, Metrics, TrainStep
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+      state: the final training state (on device).
+      step: the final step.
+      train_metrics: means of the train metrics over the last logged interval.
+      eval_history: one dict per evaluation, with "step".
+      best: the best evaluation by `best_metric` (or None).
+      stopped_early: True when early stopping ended the run.
+      seconds: wall time of this call (restore, compile and training included).
+    """
+
+    state: TrainState
+    step: int
+    train_metrics: dict[str, float]
+    eval_history: list[dict[str, float]]
+    best: dict[str, float] | None
+    stopped_early: bool
+    seconds: float
+
+
+def fit(
+    state: TrainState,
+    *,
+    train_step: TrainStep,
+    train_data: InMemoryData,
+    num_steps: int,
+    eval_step: EvalStep | None = None,
+    eval_data: Mapping[str, np.ndarray] | None = None,
+    eval_every: int = 0,
+    eval_batch_size: int = 1000,
+    log_every: int = 100,
+    workdir: str | None = None,
+    checkpoint_every: int = 0,
+    max_to_keep: int = 3,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    early_stopping_patience: int = 0,
+    steps_per_dispatch: int = 1,
+    unroll: int | bool = 1,
+    progress: bool = True,
+) -> FitResult:
+    """Trains `state` for `num_steps` steps and returns the result.
+
+    If `workdir` holds a checkpoint, training resumes from it exactly (model,
+    optimizer, RNG and data position); a finished run returns at once.
+
+    Args:
+      state: initial state (its shapes, dtypes and shardings are the restore target).
+      train_step: pure `(state, batch) -> (state, metrics)`, see `jdl.steps`.
+      train_data: the on-device training set.
+      num_steps: total optimizer steps of the run.
+      eval_step: per-example eval metrics `(state, batch) -> metrics`.
+      eval_data: host arrays {"x", "y"} to evaluate on.
+      eval_every: evaluate every this many steps (0: only at the end).
+      eval_batch_size: examples per eval batch (the tail is masked, not dropped).
+      log_every: write train metrics every this many steps.
+      workdir: run directory for metrics, TensorBoard, checkpoints, curves.
+      checkpoint_every: save every this many steps (0: only at the end). Needs workdir.
+      max_to_keep: number of latest checkpoints kept.
+      best_metric: eval metric name (e.g. "accuracy") that picks the best checkpoint
+        and drives early stopping.
+      best_mode: "max" or "min" for `best_metric`.
+      early_stopping_patience: stop after this many evaluations without a new best
+        (0: never).
+      steps_per_dispatch: training steps per compiled chunk.
+      unroll: `lax.scan` unroll factor inside a chunk (True: fully).
+      progress: show a progress bar.
+
+    Raises:
+      NonFiniteLossError: a train loss or gradient norm was NaN/inf; the message names
+        the step and metric. Checkpoints written before it are kept.
+    """
+    _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
+    started = time.perf_counter()
+    checkpointer, resumed_json = None, {}
+    if workdir is not None:
+        checkpointer = Checkpointer(
+            f"{workdir}/checkpoints",
+            max_to_keep=max_to_keep,
+            best_metric=best_metric and f"eval/{best_metric}",
+            best_mode=best_mode,
+        )
+        state, resumed_json = _maybe_resume(checkpointer, state, train_data)
+    start_step = int(state.step)
+    logger = MetricLogger(
+        workdir,
+        total_steps=num_steps,
+        start_step=start_step,
+        progress=progress,
+        enabled=jax.process_index() == 0,
+    )
+    if start_step:
+        logger.message(f"resumed from the checkpoint at step {start_step}")
+    run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll)
+    run_eval = make_evaluator(eval_step, eval_batch_size) if eval_step is not None else None
+    tracker = _BestTracker(best_metric, best_mode, early_stopping_patience)
+    tracker.load(resumed_json.get("best_tracker", {}))
+    pending: list[tuple[Metrics, int, int]] = []
+    train_metrics: dict[str, float] = {}
+    eval_history: list[dict[str, float]] = []
+    step, interval_start, interval_time = start_step, start_step, time.perf_counter()
+    try:
+        while step < num_steps and not tracker.should_stop:
+            stop = _next_boundary(step, num_steps, steps_per_dispatch, log_every, eval_every,
+                                  checkpoint_every)
+            state, chunk_metrics = run_chunk(state, train_data.arrays, jnp.int32(stop))
+            pending.append((chunk_metrics, step, stop - step))
+            step = stop
+            is_last = step == num_steps
+            if _due(step, log_every) or is_last or _due(step, checkpoint_every):
+                train_metrics = _flush_train_metrics(pending)  # raises on NaN
+                pending = []
+                elapsed = time.perf_counter() - interval_time
+                rate = (step - interval_start) * train_data.batch_size / max(elapsed, 1e-9)
+                logger.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
+                             | {"train/samples_per_second": rate})
+                logger.advance(step - interval_start, samples_per_second=rate,
+                               loss=train_metrics.get("loss"))
+                interval_start, interval_time = step, time.perf_counter()
+            eval_metrics = None
+            if run_eval is not None and eval_data is not None and (
+                _due(step, eval_every) or is_last
+            ):
+                eval_metrics = run_eval(state, eval_data)
+                logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                eval_history.append({"step": step, **eval_metrics})
+                tracker.update(step, eval_metrics)
+            new_best = eval_metrics is not None and tracker.improved
+            if checkpointer is not None and (
+                _due(step, checkpoint_every) or is_last or tracker.should_stop or new_best
+            ):
+                checkpointer.save(
+                    step,
+                    state,
+                    data_state={**train_data.data_state(step), "best_tracker": tracker.dump()},
+                    metrics=None if eval_metrics is None
+                    else {f"eval/{k}": v for k, v in eval_metrics.items()},
+                )
+        if tracker.should_stop:
+            logger.message(
+                f"early stopping at step {step}: no better eval {best_metric} than "
+                f"{tracker.best[best_metric]:.4f} (step {tracker.best['step']}) for "
+                f"{early_stopping_patience} evaluations"
+            )
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()  # waits for async writes: the last good checkpoint is whole
+        logger.close()
+    if workdir is not None and jax.process_index() == 0:
+        plot_curves(workdir)
+    return FitResult(
+        state=state,
+        step=step,
+        train_metrics=train_metrics,
+        eval_history=eval_history,
+        best=tracker.best,
+        stopped_early=tracker.should_stop,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def make_chunk_runner(
+    train_step: TrainStep, data: InMemoryData, length: int, unroll: int | bool = 1
+) -> Callable:
+    """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
+
+    Steps at or past `stop` are skipped (the state passes through unchanged), so one
+    program serves every chunk, including those cut short by a log or eval boundary.
+    Returned metrics are stacked per step, shape (length,), zero where skipped.
+    The state argument is donated.
+    """
+
+    def run_chunk(state: TrainState, arrays, stop):
+        order = data.epoch_permutation(state.step // data.steps_per_epoch)
+
+        def one_step(carry, _):
+            state, order = carry
+            new_epoch = (state.step % data.steps_per_epoch == 0) & (state.step < stop)
+            order = jax.lax.cond(
+                new_epoch,
+                lambda: data.epoch_permutation(state.step // data.steps_per_epoch),
+                lambda: order,
+            )
+
+            def active(state):
+                return train_step(state, data.batch_at(arrays, order, state.step))
+
+            def skipped(state):
+                return state, jax.tree.map(jnp.zeros_like, metrics_shape)
+
+            state, metrics = jax.lax.cond(state.step < stop, active, skipped, state)
+            return (state, order), metrics
+
+        batch_shape = jax.eval_shape(lambda: data.batch_at(arrays, order, state.step))
+        metrics_shape = jax.eval_shape(train_step, state, batch_shape)[1]
+        (state, _), metrics = jax.lax.scan(
+            one_step, (state, order), None, length=length, unroll=unroll
+        )
+        return state, metrics
+
+    return jax.jit(run_chunk, donate_argnums=(0,))
+
+
+def make_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
+    """Returns `evaluate(state, arrays) -> {name: mean}` over a whole eval set.
+
+    The set is padded to a whole number of batches and the padding is masked out, so
+    every example counts exactly once. Compiles once per eval-set size.
+    """
+
+    @jax.jit
+    def evaluate_padded(state, arrays, mask):
+        def one_batch(batch_and_mask):
+            batch, batch_mask = batch_and_mask
+            values = eval_step(state, batch)
+            return {
+                name: jnp.sum(jnp.broadcast_to(value, batch_mask.shape) * batch_mask)
+                for name, value in values.items()
+            }
+
+        sums = jax.lax.map(one_batch, (arrays, mask))
+        count = jnp.sum(mask)
+        return {name: jnp.sum(total) / count for name, total in sums.items()}
+
+    def evaluate(state: TrainState, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        num = len(next(iter(arrays.values())))
+        size = min(batch_size, num)
+        num_batches = -(-num // size)
+        pad = num_batches * size - num
+        mask = np.concatenate([np.ones(num, np.float32), np.zeros(pad, np.float32)])
+        batched = {
+            name: np.concatenate([value, np.repeat(value[:1], pad, axis=0)]).reshape(
+                (num_batches, size) + value.shape[1:]
+            )
+            for name, value in arrays.items()
+        }
+        means = evaluate_padded(state, batched, mask.reshape(num_batches, size))
+        return {name: float(value) for name, value in jax.device_get(means).items()}
+
+    return evaluate
+
+
+def _maybe_resume(checkpointer: Checkpointer, state: TrainState, data: InMemoryData):
+    if checkpointer.latest_step() is None:
+        return state, {}
+    restored = checkpointer.restore(state)
+    data.check_data_state(restored.data_state)
+    return restored.state, restored.data_state
+
+
+def _flush_train_metrics(pending: list[tuple[Metrics, int, int]]) -> dict[str, float]:
+    """Means of the steps' metrics since the last flush; raises on a non-finite loss."""
+    host = jax.device_get([metrics for metrics, _, _ in pending])
+    per_step: dict[str, list[np.ndarray]] = {}
+    for metrics, (_, first_step, count) in zip(host, pending, strict=True):
+        for name in ("loss", "grad_norm"):
+            values = metrics.get(name)
+            if values is None:
+                continue
+            bad = ~np.isfinite(values[:count])
+            if bad.any() and "skipped_steps" not in metrics:
+                at = first_step + int(np.argmax(bad)) + 1
+                raise NonFiniteLossError(
+                    f"train {name} is {values[int(np.argmax(bad))]} at step {at}; stopping. "
+                    "Checkpoints before this step are kept. Lower the learning rate, enable "
+                    "gradient clipping, or skip such steps (skip_nonfinite)."
+                )
+        for name, values in metrics.items():
+            per_step.setdefault(name, []).append(values[:count])
+    result = {}
+    for name, chunks in per_step.items():
+        values = np.concatenate(chunks)
+        if name == "skipped_steps":
+            result[name] = float(values.sum())
+        else:
+            finite = values[np.isfinite(values)]
+            result[name] = float(finite.mean()) if finite.size else float("nan")
+    return result
+
+
+class _BestTracker:
+    """Remembers the best evaluation and counts evaluations without improvement."""
+
+    def __init__(self, metric: str | None, mode: str, patience: int):
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.best: dict[str, float] | None = None
+        self.since_best = 0
+        self.improved = False  # did the latest update set a new best?
+
+    def dump(self) -> dict:
+        """JSON-able state, saved with checkpoints so early stopping survives a resume."""
+        return {"best": self.best, "since_best": self.since_best}
+
+    def load(self, saved: Mapping) -> None:
+        self.best = saved.get("best", self.best)
+        self.since_best = saved.get("since_best", self.since_best)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.since_best >= self.patience
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.metric is None:
+            return
+        if self.metric not in metrics:
+            raise KeyError(f"best_metric {self.metric!r} is not an eval metric: {sorted(metrics)}")
+        value = metrics[self.metric]
+        self.improved = better = self.best is None or (
+            value > self.best[self.metric] if self.mode == "max" else value < self.best[self.metric]
+        )
+        if better:
+            self.best, self.since_best = {"step": step, **metrics}, 0
+        else:
+            self.since_best += 1
+
+
+def _next_boundary(step: int, num_steps: int, chunk: int, *intervals: int) -> int:
+    stop = min(num_steps, step + chunk)
+    for every in intervals:
+        if every > 0:
+            stop = min(stop, (step // every + 1) * every)
+    return stop
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch):
+    for name, value, minimum in (
+        ("num_steps", num_steps, 1),
+        ("log_every", log_every, 0),
+        ("eval_every", eval_every, 0),
+        ("checkpoint_every", checkpoint_every, 0),
+        ("steps_per_dispatch", steps_per_dispatch, 1),
+    ):
+        if not isinstance(value, int | np.integer) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
