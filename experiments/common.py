@@ -43,8 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # steps; 0 saves only at the end
     c.max_to_keep = 2
     c.early_stopping_patience = 0
-    c.steps_per_dispatch = 50
-    c.unroll = 1
+    c.steps_per_dispatch = 10
+    c.unroll = 0  # 0: write each chunk out in full (best for convolutions on CPU)
     c.skip_nonfinite = False
     c.progress = True
     c.compilation_cache = True
@@ -68,7 +68,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("max_to_keep", config.max_to_keep >= 1, "must be >= 1"),
         ("early_stopping_patience", config.early_stopping_patience >= 0, "must be >= 0"),
         ("steps_per_dispatch", config.steps_per_dispatch >= 1, "must be >= 1"),
-        ("unroll", config.unroll >= 1, "must be >= 1"),
+        ("unroll", config.unroll >= 0, "must be >= 0 (0: fully unrolled)"),
     ]
     for key, ok, requirement in rules:
         if not ok:
@@ -158,7 +158,7 @@ def run_classifier(
         best_metric="accuracy" if config.validation_fraction > 0 else None,
         early_stopping_patience=config.early_stopping_patience,
         steps_per_dispatch=config.steps_per_dispatch,
-        unroll=config.unroll,
+        unroll=config.unroll or True,
         progress=config.progress,
     )
     test = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)(result.state, dataset["test"])

@@ -70,7 +70,7 @@ def fit(
     best_mode: str = "max",
     early_stopping_patience: int = 0,
     steps_per_dispatch: int = 1,
-    unroll: int | bool = 1,
+    unroll: int | bool = True,
     progress: bool = True,
 ) -> FitResult:
     """Trains `state` for `num_steps` steps and returns the result.
@@ -97,7 +97,9 @@ def fit(
       early_stopping_patience: stop after this many evaluations without a new best
         (0: never).
       steps_per_dispatch: training steps per compiled chunk.
-      unroll: `lax.scan` unroll factor inside a chunk (True: fully).
+      unroll: True (default) writes a chunk's steps out in full; an int uses a `lax.scan`
+        with that unroll factor (faster compiles for long chunks of small dense models;
+        slow for convolutions on CPU, see `make_chunk_runner`).
       progress: show a progress bar.
 
     Raises:
@@ -194,43 +196,47 @@ def fit(
 
 
 def make_chunk_runner(
-    train_step: TrainStep, data: InMemoryData, length: int, unroll: int | bool = 1
+    train_step: TrainStep, data: InMemoryData, length: int, unroll: int | bool = True
 ) -> Callable:
     """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
 
-    Steps at or past `stop` are skipped (the state passes through unchanged), so one
-    program serves every chunk, including those cut short by a log or eval boundary.
-    Returned metrics are stacked per step, shape (length,), zero where skipped.
-    The state argument is donated.
+    Steps at or past `stop` leave the state unchanged (their updates are discarded with a
+    select), so one program serves every chunk, including those cut short by a log or
+    eval boundary. Returned metrics are stacked per step, shape (length,), zero where
+    skipped. The state argument is donated.
+
+    `unroll=True` (the default) writes the steps out as straight-line code. On XLA:CPU a
+    convolution inside a loop or conditional body runs one to two orders of magnitude
+    slower than at the top level (see BENCHMARKS.md), so the train step is never put
+    under `lax.cond`, and a rolled `lax.scan` (`unroll=1`) is only worth it for models
+    without convolutions, where it trades nothing at run time for a faster compile.
     """
 
     def run_chunk(state: TrainState, arrays, stop):
-        order = data.epoch_permutation(state.step // data.steps_per_epoch)
-
         def one_step(carry, _):
             state, order = carry
-            new_epoch = (state.step % data.steps_per_epoch == 0) & (state.step < stop)
-            order = jax.lax.cond(
-                new_epoch,
+            active = state.step < stop
+            order = jax.lax.cond(  # a new shuffle at each epoch start; cheap, no model inside
+                active & (state.step % data.steps_per_epoch == 0),
                 lambda: data.epoch_permutation(state.step // data.steps_per_epoch),
                 lambda: order,
             )
-
-            def active(state):
-                return train_step(state, data.batch_at(arrays, order, state.step))
-
-            def skipped(state):
-                return state, jax.tree.map(jnp.zeros_like, metrics_shape)
-
-            state, metrics = jax.lax.cond(state.step < stop, active, skipped, state)
+            batch = data.batch_at(arrays, order, state.step)
+            new_state, metrics = train_step(state, batch)
+            state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+            metrics = jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
             return (state, order), metrics
 
-        batch_shape = jax.eval_shape(lambda: data.batch_at(arrays, order, state.step))
-        metrics_shape = jax.eval_shape(train_step, state, batch_shape)[1]
-        (state, _), metrics = jax.lax.scan(
-            one_step, (state, order), None, length=length, unroll=unroll
-        )
-        return state, metrics
+        carry = (state, data.epoch_permutation(state.step // data.steps_per_epoch))
+        if unroll is True or unroll >= length:
+            per_step = []
+            for _ in range(length):
+                carry, metrics = one_step(carry, None)
+                per_step.append(metrics)
+            metrics = jax.tree.map(lambda *values: jnp.stack(values), *per_step)
+        else:
+            carry, metrics = jax.lax.scan(one_step, carry, None, length=length, unroll=unroll)
+        return carry[0], metrics
 
     return jax.jit(run_chunk, donate_argnums=(0,))
 
