@@ -6,7 +6,7 @@ Command:
 
 Every peer trains the same network (same layers and sizes, Adam with learning rate 1e-3,
 softmax cross-entropy, same batch size, same number of steps) on the same synthetic
-MNIST-shaped data held in memory (`EPOCH_STEPS` batches of Gaussian images, random labels):
+MNIST-shaped data held in memory (a few dozen batches of Gaussian images, random labels):
 
 - jdl: `jdl.fit` with `K` steps per dispatch and scan unroll `U`. A few (K, U) settings are
   timed first with `jdl.make_chunk_runner` (the program `fit` runs) and the fastest is used.
@@ -64,8 +64,8 @@ import jdl
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-3
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # jdl's, optax's and torch's defaults
-EPOCH_STEPS = 50  # batches in the synthetic data set: an epoch is one pure-JAX dispatch
 TUNE_REPEATS = 2
+QUICK = {"steps": 10, "batch_size": 16, "repeats": 1, "epoch_steps": 5, "dispatch": ((5, 1),)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ModelSpec:
       description: the layers, for humans.
       example_shape: one input example in JAX layout (images are HWC).
       hidden: MLP hidden sizes; empty for the CNN.
+      epoch_steps: batches in the synthetic data set; one epoch is one pure-JAX dispatch.
       default_steps: timed steps per repeat when --steps is not given.
       dispatch: jdl (steps_per_dispatch, unroll) settings to try; the fastest is used.
     """
@@ -85,6 +86,7 @@ class ModelSpec:
     description: str
     example_shape: tuple[int, ...]
     hidden: tuple[int, ...]
+    epoch_steps: int
     default_steps: int
     dispatch: tuple[tuple[int, int], ...]
 
@@ -98,17 +100,21 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("mnist_mlp", "784-128-10 ReLU MLP", (784,), (128,), 2000, ((50, 1), (50, 5))),
         ModelSpec(
-            "mlp_512", "784-512-512-10 ReLU MLP", (784,), (512, 512), 600, ((50, 1), (50, 5))
+            "mnist_mlp", "784-128-10 ReLU MLP", (784,), (128,), 50, 2000, ((50, 1), (50, 5))
         ),
+        ModelSpec(
+            "mlp_512", "784-512-512-10 ReLU MLP", (784,), (512, 512), 50, 600, ((50, 1), (50, 5))
+        ),
+        # Seconds per step on XLA:CPU inside a loop (see BENCHMARKS.md): few, short chunks.
         ModelSpec(
             "mnist_cnn",
             "conv3x3 32-relu-maxpool2-conv3x3 64-relu-maxpool2-dense 128-relu-dense 10",
             (28, 28, 1),
             (),
-            150,
-            ((50, 5), (50, 10)),
+            10,
+            20,
+            ((5, 1), (5, 5)),
         ),
     )
 }
@@ -460,17 +466,19 @@ def measure(peers: Sequence[Peer], steps: int, batch_size: int, repeats: int
 
 def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
     steps = args.steps or spec.default_steps
-    print(f"model {spec.name}: {spec.description}, batch {args.batch_size}", flush=True)
-    arrays = make_data(spec, args.batch_size, args.epoch_steps)
+    epoch_steps = args.epoch_steps or spec.epoch_steps
+    print(f"model {spec.name}: {spec.description}; batch {args.batch_size}, "
+          f"{epoch_steps} batches of data", flush=True)
+    arrays = make_data(spec, args.batch_size, epoch_steps)
     candidates = args.dispatch or spec.dispatch
-    dispatch = choose_dispatch(spec, arrays, args.batch_size, candidates, steps // 2)
+    dispatch = choose_dispatch(spec, arrays, args.batch_size, candidates, steps // 4)
     # Whole epochs for the pure-JAX loop and whole chunks for jdl: no partial dispatch.
-    multiple = math.lcm(args.epoch_steps, dispatch[0])
+    multiple = math.lcm(epoch_steps, dispatch[0])
     steps = -(-steps // multiple) * multiple
     print(f"  jdl uses steps_per_dispatch={dispatch[0]} unroll={dispatch[1]}; "
           f"pure_jax uses unroll={dispatch[1]}; {steps} timed steps per repeat", flush=True)
     peers, unavailable = make_peers(
-        spec, arrays, args.batch_size, dispatch, args.epoch_steps, args.torch_compile
+        spec, arrays, args.batch_size, dispatch, epoch_steps, args.torch_compile
     )
     rates = measure(peers, steps, args.batch_size, args.repeats)
     result = ModelResult(spec.name, steps, dispatch, rates, unavailable)
@@ -546,12 +554,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads (default: the usable cores)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke run: 20 steps of batch 32, one repeat, K=10 unroll=1")
+                        help="tiny smoke run: 10 steps of batch 16, one repeat, K=5 unroll=1")
     args = parser.parse_args(argv)
-    args.epoch_steps = EPOCH_STEPS
+    args.epoch_steps = 0  # per model
     if args.quick:
-        args.steps, args.batch_size, args.repeats = args.steps or 20, 32, 1
-        args.epoch_steps, args.dispatch = 10, args.dispatch or ((10, 1),)
+        args.steps = args.steps or QUICK["steps"]
+        args.batch_size, args.repeats = QUICK["batch_size"], QUICK["repeats"]
+        args.epoch_steps, args.dispatch = QUICK["epoch_steps"], args.dispatch or QUICK["dispatch"]
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:

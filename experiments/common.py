@@ -143,7 +143,9 @@ def run_classifier(
     result = jdl.fit(
         state,
         train_step=jdl.make_train_step(
-            loss_fn, lr_schedule=schedule, augment_fn=augment,
+            loss_fn,
+            lr_schedule=schedule,
+            augment_fn=augment,
             skip_nonfinite=config.skip_nonfinite,
         ),
         train_data=train_data,
@@ -190,4 +192,3 @@ def translate_augmentation(max_shift: int):
 def default_workdir(name: str) -> str:
     """workdirs/<name> under the current directory."""
     return os.path.join("workdirs", name)
-

@@ -11,7 +11,7 @@ Model: conv3x3(32)-relu-maxpool2-conv3x3(64)-relu-maxpool2-dense128-relu-dense10
 Adam 3e-3 with a one-cycle schedule, batch 128, 15 epochs, random +-2 pixel translations.
 Expected (offline default): test_accuracy >= 0.97 in <= 3 minutes on 2 CPU cores,
 compilation included; see the figures below.
-Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "train_loss": ..., "steps": ..., "seconds": ...}
+Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds": ...}
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The public API is what this module re-exports; everything else may change.
 """
 
 from jdl import data, losses, metrics, models
-from jdl.checkpoint import CheckpointMismatchError, Checkpointer, Restored
+from jdl.checkpoint import Checkpointer, CheckpointMismatchError, Restored
 from jdl.config import (
     ConfigError,
     enable_compilation_cache,

@@ -123,8 +123,7 @@ def convert_value(key: str, text: str, default):
     else:
         raise ConfigError(f"config key {key!r} holds a {type(default).__name__}; cannot set it")
     raise ConfigError(
-        f"config key {key!r} expects a {type(default).__name__} (default {default!r}), "
-        f"got {text!r}"
+        f"config key {key!r} expects a {type(default).__name__} (default {default!r}), got {text!r}"
     )
 
 
@@ -199,8 +198,10 @@ def write_run_record(workdir: str, config: ml_collections.ConfigDict, argv: Sequ
             if _flat_json(old_config).get(k) != _flat_json(new_config).get(k)
         )
         if changed:
-            print(f"note: config differs from the earlier run in {workdir}: {changed}",
-                  file=sys.stderr)
+            print(
+                f"note: config differs from the earlier run in {workdir}: {changed}",
+                file=sys.stderr,
+            )
     _write_json(config_path, new_config)
     record = {
         "command": " ".join([sys.executable, "-m", _main_module()] + list(argv)),
@@ -224,9 +225,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     """
     import jax
 
-    path = path or os.environ.get("JDL_COMPILATION_CACHE") or os.path.expanduser(
-        "~/.cache/jdl/xla"
-    )
+    path = path or os.environ.get("JDL_COMPILATION_CACHE") or os.path.expanduser("~/.cache/jdl/xla")
     if path.lower() == "off":
         return None
     os.makedirs(path, exist_ok=True)

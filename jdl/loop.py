@@ -137,8 +137,9 @@ def fit(
     step, interval_start, interval_time = start_step, start_step, time.perf_counter()
     try:
         while step < num_steps and not tracker.should_stop:
-            stop = _next_boundary(step, num_steps, steps_per_dispatch, log_every, eval_every,
-                                  checkpoint_every)
+            stop = _next_boundary(
+                step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
+            )
             state, chunk_metrics = run_chunk(state, train_data.arrays, jnp.int32(stop))
             pending.append((chunk_metrics, step, stop - step))
             step = stop
@@ -148,14 +149,20 @@ def fit(
                 pending = []
                 elapsed = time.perf_counter() - interval_time
                 rate = (step - interval_start) * train_data.batch_size / max(elapsed, 1e-9)
-                logger.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
-                             | {"train/samples_per_second": rate})
-                logger.advance(step - interval_start, samples_per_second=rate,
-                               loss=train_metrics.get("loss"))
+                logger.write(
+                    step,
+                    {f"train/{k}": v for k, v in train_metrics.items()}
+                    | {"train/samples_per_second": rate},
+                )
+                logger.advance(
+                    step - interval_start, samples_per_second=rate, loss=train_metrics.get("loss")
+                )
                 interval_start, interval_time = step, time.perf_counter()
             eval_metrics = None
-            if run_eval is not None and eval_data is not None and (
-                _due(step, eval_every) or is_last
+            if (
+                run_eval is not None
+                and eval_data is not None
+                and (_due(step, eval_every) or is_last)
             ):
                 eval_metrics = run_eval(state, eval_data)
                 logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
@@ -169,7 +176,8 @@ def fit(
                     step,
                     state,
                     data_state={**train_data.data_state(step), "best_tracker": tracker.dump()},
-                    metrics=None if eval_metrics is None
+                    metrics=None
+                    if eval_metrics is None
                     else {f"eval/{k}": v for k, v in eval_metrics.items()},
                 )
         if tracker.should_stop:

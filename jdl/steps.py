@@ -136,11 +136,7 @@ def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], Metrics]:
 def reseed_all_streams(model: nnx.Module, key: jax.Array) -> None:
     """Gives every RNG stream of `model` (dropout, ...) a key derived from `key` and its name."""
     tags = sorted(
-        {
-            node.key.tag
-            for _, node in nnx.graph.iter_graph(model)
-            if isinstance(node, nnx.RngStream)
-        }
+        {node.key.tag for _, node in nnx.graph.iter_graph(model) if isinstance(node, nnx.RngStream)}
     )
     if tags:
         nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})

@@ -52,9 +52,11 @@ def test_restore_into_a_different_model_names_path_and_shapes(tmp_path):
     checkpointer = jdl.Checkpointer(tmp_path)
     checkpointer.save(1, _state(hidden=16))
     checkpointer.wait()
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"'params/head/kernel' has shape \(16, 3\) but the model "
-                             r"expects \(32, 3\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"'params/head/kernel' has shape \(16, 3\) but the model "
+        r"expects \(32, 3\)",
+    ):
         checkpointer.restore(_state(hidden=32))
     checkpointer.close()
 

@@ -25,9 +25,18 @@ def get_config(arg=None):
 
 def test_overrides_convert_to_each_default_type():
     config, workdir = parse_command_line(
-        ["--config.seed=3", "--config.learning_rate", "0.5", "--config.name=x",
-         "--config.use_bias=false", "--config.sizes=(32,)", "--config.optim.nesterov=yes",
-         "--config.optim.momentum=1", "--workdir", "/tmp/w"],
+        [
+            "--config.seed=3",
+            "--config.learning_rate",
+            "0.5",
+            "--config.name=x",
+            "--config.use_bias=false",
+            "--config.sizes=(32,)",
+            "--config.optim.nesterov=yes",
+            "--config.optim.momentum=1",
+            "--workdir",
+            "/tmp/w",
+        ],
         get_config,
     )
     assert config.seed == 3 and isinstance(config.seed, int)
@@ -46,8 +55,11 @@ def test_config_arg_reaches_get_config():
 
 
 def test_unknown_key_names_valid_keys_and_suggests():
-    with pytest.raises(ConfigError, match=r"unknown config key 'lerning_rate' \(did you mean "
-                       r"'learning_rate'\?\); valid keys: .*optim.momentum"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'lerning_rate' \(did you mean "
+        r"'learning_rate'\?\); valid keys: .*optim.momentum",
+    ):
         parse_command_line(["--config.lerning_rate=0.1"], get_config)
 
 
@@ -76,25 +88,39 @@ def test_config_is_locked_after_parsing():
 
 @pytest.mark.parametrize(
     "value, steps",
-    [(100, 100), ("100", 100), ("100 steps", 100), ("1 step", 1), ("3 epochs", 30),
-     ("2.5 epochs", 25), ("1000 examples", 32), ("0.01 epochs", 1)],
+    [
+        (100, 100),
+        ("100", 100),
+        ("100 steps", 100),
+        ("1 step", 1),
+        ("3 epochs", 30),
+        ("2.5 epochs", 25),
+        ("1000 examples", 32),
+        ("0.01 epochs", 1),
+    ],
 )
 def test_parse_duration(value, steps):
     assert parse_duration(value, steps_per_epoch=10, batch_size=32) == steps
 
 
-@pytest.mark.parametrize("value", ["0 steps", "-1 epochs", "3 fortnights", "many steps",
-                                   "1 2 3", True])
+@pytest.mark.parametrize(
+    "value", ["0 steps", "-1 epochs", "3 fortnights", "many steps", "1 2 3", True]
+)
 def test_parse_duration_rejects(value):
     with pytest.raises(ConfigError):
         parse_duration(value, steps_per_epoch=10, batch_size=32)
 
 
-@given(amount=st.integers(1, 10**6), unit=st.sampled_from(["steps", "epochs", "examples"]),
-       steps_per_epoch=st.integers(1, 1000), batch_size=st.integers(1, 512))
+@given(
+    amount=st.integers(1, 10**6),
+    unit=st.sampled_from(["steps", "epochs", "examples"]),
+    steps_per_epoch=st.integers(1, 1000),
+    batch_size=st.integers(1, 512),
+)
 def test_parse_duration_properties(amount, unit, steps_per_epoch, batch_size):
-    steps = parse_duration(f"{amount} {unit}", steps_per_epoch=steps_per_epoch,
-                           batch_size=batch_size)
+    steps = parse_duration(
+        f"{amount} {unit}", steps_per_epoch=steps_per_epoch, batch_size=batch_size
+    )
     assert steps >= 1
     if unit == "steps":
         assert steps == amount

@@ -23,13 +23,19 @@ def _no_real_data_dir(tmp_path, monkeypatch):
 def test_two_step_smoke_run(name, tmp_path, capsys):
     module = importlib.import_module(f"experiments.{name}")
     assert "python -m experiments." + name in module.__doc__  # the docstring is its README
-    argv = ["--config.duration=2", "--config.warmup_steps=0", "--config.progress=false",
-            "--config.compilation_cache=false",
-            "--config.steps_per_dispatch=1", "--workdir", str(tmp_path / name)]
+    argv = [
+        "--config.duration=2",
+        "--config.warmup_steps=0",
+        "--config.progress=false",
+        "--config.compilation_cache=false",
+        "--config.steps_per_dispatch=1",
+        "--workdir",
+        str(tmp_path / name),
+    ]
     final = module.main(argv + OFFLINE_ARGS.get(name, []))
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("FINAL ")
-    assert json.loads(last_line[len("FINAL "):]) == final
+    assert json.loads(last_line[len("FINAL ") :]) == final
     assert final["steps"] == 2 and 0.0 <= final["test_accuracy"] <= 1.0
     for produced in ("config.json", "run.json", "metrics.jsonl", "final.json", "checkpoints"):
         assert os.path.exists(tmp_path / name / produced), produced
@@ -37,22 +43,34 @@ def test_two_step_smoke_run(name, tmp_path, capsys):
 
 def test_bad_config_key_is_one_clear_line_before_compiling(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.iris_mlp", "--config.learning_rat=0.1",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "experiments.iris_mlp",
+            "--config.learning_rat=0.1",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "error: unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in (
-        result.stderr)
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.learning_rate=-1", "learning_rate=-1.0 must be > 0"),
-    ("--config.batch_size=0", "batch_size=0 must be >= 1"),
-    ("--config.duration=0 steps", "must be positive"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.learning_rate=-1", "learning_rate=-1.0 must be > 0"),
+        ("--config.batch_size=0", "batch_size=0 must be >= 1"),
+        ("--config.duration=0 steps", "must be positive"),
+    ],
+)
 def test_impossible_values_are_rejected(override, message, tmp_path):
     module = importlib.import_module("experiments.iris_mlp")
     with pytest.raises(SystemExit, match=message):

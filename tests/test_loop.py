@@ -95,9 +95,11 @@ def test_train_chunk_compiles_once():
 def test_fit_compiles_train_chunk_once():
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration"
-        else None
+        lambda event, duration, **kw: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
     )
     try:
         _fit(_state(), num_steps=8)  # warms up the process-wide caches of small ops
@@ -119,8 +121,9 @@ def test_same_seed_same_result_and_different_seed_differs():
     c = _fit(_state(seed=1), num_steps=30)
     for x, y in zip(_leaves(a.state), _leaves(b.state), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert any(not np.array_equal(x, y) for x, y in zip(_leaves(a.state), _leaves(c.state),
-                                                          strict=True))
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(_leaves(a.state), _leaves(c.state), strict=True)
+    )
 
 
 def test_resume_is_bitwise_exact(tmp_path):
@@ -133,8 +136,9 @@ def test_resume_is_bitwise_exact(tmp_path):
     for x, y in zip(_leaves(straight.state), _leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(x, y)
     # The metrics file reads as one run: no duplicated steps.
-    steps = [r["step"] for r in jdl.read_metrics(str(tmp_path / "metrics.jsonl"))
-             if "train/loss" in r]
+    steps = [
+        r["step"] for r in jdl.read_metrics(str(tmp_path / "metrics.jsonl")) if "train/loss" in r
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 50
 
 
@@ -161,8 +165,13 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     model = jdl.models.MLP(8, (32,), 4, rngs=nnx.Rngs(0))
     state = jdl.TrainState.create(model, optax.sgd(10.0), seed=0)
     with pytest.raises(NonFiniteLossError, match=r"train (loss|grad_norm) is .* at step \d+"):
-        _fit(state, workdir=str(tmp_path), num_steps=400, checkpoint_every=1,
-             train_step=jdl.make_train_step(squared_logits))
+        _fit(
+            state,
+            workdir=str(tmp_path),
+            num_steps=400,
+            checkpoint_every=1,
+            train_step=jdl.make_train_step(squared_logits),
+        )
     saved = jdl.Checkpointer(tmp_path / "checkpoints")
     steps = saved.all_steps()
     assert steps, "checkpoints before the blow-up must be kept"
@@ -177,20 +186,31 @@ def test_skip_nonfinite_counts_and_keeps_params_finite():
         poison = jnp.where(batch["y"][0] % 2 == 1, jnp.nan, 0.0)
         return {"loss": loss + poison}
 
-    result = _fit(_state(), num_steps=20,
-                  train_step=jdl.make_train_step(nan_on_odd_batches, skip_nonfinite=True))
+    result = _fit(
+        _state(),
+        num_steps=20,
+        train_step=jdl.make_train_step(nan_on_odd_batches, skip_nonfinite=True),
+    )
     assert result.train_metrics["skipped_steps"] > 0
     assert all(np.isfinite(leaf).all() for leaf in _leaves(result.state))
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path):
-    result = _fit(_state(), workdir=str(tmp_path), num_steps=2000, eval_every=10,
-                  best_metric="loss", best_mode="min", early_stopping_patience=3)
+    result = _fit(
+        _state(),
+        workdir=str(tmp_path),
+        num_steps=2000,
+        eval_every=10,
+        best_metric="loss",
+        best_mode="min",
+        early_stopping_patience=3,
+    )
     assert result.stopped_early
     assert result.step < 2000
     assert result.best is not None and result.best["step"] <= result.step - 30
-    checkpointer = jdl.Checkpointer(tmp_path / "checkpoints", best_metric="eval/loss",
-                                    best_mode="min")
+    checkpointer = jdl.Checkpointer(
+        tmp_path / "checkpoints", best_metric="eval/loss", best_mode="min"
+    )
     assert checkpointer.best_step() == result.best["step"]
     assert result.best["step"] in checkpointer.all_steps()
     checkpointer.close()

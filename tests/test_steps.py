@@ -40,7 +40,8 @@ def test_sgd_step_matches_hand_computed_gradient():
     np.testing.assert_allclose(new_model.linear.bias[0], b - 0.1 * grad_b, rtol=1e-5)
     assert float(metrics["loss"]) == pytest.approx(np.mean(residual**2), rel=1e-5)
     assert float(metrics["grad_norm"]) == pytest.approx(
-        np.sqrt(np.sum(grad_w**2) + grad_b**2), rel=1e-5)
+        np.sqrt(np.sum(grad_w**2) + grad_b**2), rel=1e-5
+    )
     assert int(new_state.step) == 1
 
 

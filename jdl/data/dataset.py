@@ -40,18 +40,14 @@ class Dataset:
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:
-            raise KeyError(
-                f"{self.name} has no split {split!r}; it has {sorted(self.splits)}"
-            )
+            raise KeyError(f"{self.name} has no split {split!r}; it has {sorted(self.splits)}")
         return self.splits[split]
 
     def num_examples(self, split: str) -> int:
         return len(self[split]["y"])
 
 
-def stratified_split(
-    split: Split, *, fraction: float, seed: int
-) -> tuple[Split, Split]:
+def stratified_split(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
     """Splits one split into two, keeping class proportions, deterministically.
 
     Args:
