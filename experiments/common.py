@@ -134,7 +134,7 @@ def run_classifier(
     loss_fn = jdl.classification_loss(label_smoothing=config.label_smoothing)
     augment = translate_augmentation(config.augment_max_shift)
     print(
-        f"{dataset.source}; train {train_data.num_examples}, eval {len(eval_split['y'])}, "
+        f"{dataset.name}: train {train_data.num_examples}, eval {len(eval_split['y'])}, "
         f"test {dataset.num_examples('test')} examples; {num_steps} steps of batch "
         f"{config.batch_size}; {jdl.count_params(state.params):,} parameters; "
         f"devices: {jax.devices()}",

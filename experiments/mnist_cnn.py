@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
     c.dense_sizes = (128,)
     c.dropout = 0.0
     c.log_every = 100
+    c.eval_every = 100  # reports test accuracy along the way; nothing is selected by it
     c.steps_per_dispatch = 4
     c.unroll = 0  # written out in full: convolutions inside XLA:CPU loops are slow
     c.data_dir = ""  # empty: $JDL_DATA_DIR/mnist or ~/.cache/jdl/mnist

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from jdl.tensorboard import EventWriter
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
@@ -54,10 +56,9 @@ class MetricLogger:
             _drop_records_after(path, start_step)
             self._jsonl = open(path, "a", buffering=1)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(
-                    os.path.join(self.workdir, "tensorboard"), purge_step=start_step or None
+                self._tb = EventWriter(
+                    os.path.join(self.workdir, "tensorboard"),
+                    purge_step=start_step + 1 if start_step else None,
                 )
         if enabled and progress:
             from tqdm.auto import tqdm
@@ -82,7 +83,7 @@ class MetricLogger:
         if self._tb is not None:
             for name, value in record.items():
                 if name not in ("step", "time") and math.isfinite(value):
-                    self._tb.add_scalar(name, value, global_step=int(step))
+                    self._tb.scalar(name, value, int(step))
 
     def advance(self, steps: int, *, samples_per_second: float, loss: float | None) -> None:
         """Moves the progress bar by `steps` and shows throughput and the latest loss."""

@@ -76,3 +76,20 @@ def test_disabled_logger_writes_nothing(tmp_path):
     logger.write(1, {"train/loss": 1.0})
     logger.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_run_purges_stale_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _write_run(tmp_path, [10, 20, 30, 40])
+    _write_run(tmp_path, [30, 40, 50], start_step=20)
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    steps = [e.step for e in accumulator.Scalars("train/loss")]
+    assert steps == [10, 20, 30, 40, 50]
+
+
+def test_crc32c_known_value():
+    from jdl.tensorboard import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value

@@ -1,0 +1,702 @@
+"""Transformers: multi-head attention, pre-LayerNorm blocks, GPT, an encoder classifier.
+
+Attention runs through `jax.nn.dot_product_attention`, so XLA (or cuDNN, when asked for
+with `implementation="cudnn"`) can use a fused kernel. That function has no dropout on
+the attention weights; the `dropout` of `MultiHeadAttention` is therefore applied to its
+output (after the output projection), which is the residual dropout of GPT-2 and ViT.
+
+Autoregressive decoding is pure: a `KVCache` is a pair of arrays passed in and returned
+out, never stored in a module, so `generate` runs prefill plus one `jax.lax.scan` step per
+token under a single `jax.jit`.
+
+Shape letters: B batch, T query length, S key length, L cache capacity, C embed_dim,
+H heads, D head_dim = C // H, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdl.models.mlp import activation_fn
+
+# PyTorch's and GPT-2's LayerNorm epsilon (flax defaults to 1e-6).
+LAYER_NORM_EPS = 1e-5
+POSITIONS = ("learned", "rotary")
+POOLINGS = ("mean", "cls")
+
+Initializer = nnx.Initializer
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer for positions `[0, L)`, each (B, L, H, D).
+
+    Only the positions written so far are meaningful; attention masks out the rest.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (RoPE) of queries or keys.
+
+    Channel pairs `(i, i + D/2)` are rotated by the angle `position * base^(-2i/D)`
+    ("rotate half" layout). Rotations compose, so the dot product of a query rotated to
+    position m and a key rotated to position n depends only on `m - n`.
+
+    Args:
+      x: float array (..., T, H, D) with D even.
+      positions: int array (T,) or (B, T), the absolute position of each of the T rows.
+      base: the wavelength base; 10,000 as in RoFormer and most language models.
+
+    Returns:
+      Array of `x`'s shape and dtype; angles are computed in float32.
+    """
+    dim = x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"rotary embeddings need an even head dimension, got {dim}")
+    inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # (D/2,)
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # (..., T, D/2)
+    cos = jnp.cos(angles)[..., None, :]  # (..., T, 1, D/2): shared by all heads
+    sin = jnp.sin(angles)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head self-attention with a fused q/k/v projection.
+
+    Args:
+      embed_dim: C, the model width; must be a multiple of `num_heads`.
+      num_heads: H.
+      causal: whether position t may only attend to positions <= t.
+      dropout: rate of dropout on the output (see the module docstring: the fused
+        attention has no dropout on the attention weights).
+      use_bias: biases in the q/k/v and output projections.
+      rotary: apply rotary position embeddings to queries and keys.
+      rope_base: wavelength base of the rotary embeddings.
+      kernel_init: initializer of the q/k/v kernel (flax's default if None).
+      out_kernel_init: initializer of the output kernel (`kernel_init` if None).
+      implementation: passed to `jax.nn.dot_product_attention` (None, "xla" or "cudnn").
+      rngs: NNX random streams; `params` for init, `dropout` if dropout > 0.
+
+    Call: `(B, T, C)` float, optional key mask `(B, T)` bool -> `(B, T, C)`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        rotary: bool = False,
+        rope_base: float = 10_000.0,
+        kernel_init: Initializer | None = None,
+        out_kernel_init: Initializer | None = None,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.causal, self.rotary, self.rope_base = causal, rotary, rope_base
+        self.implementation = implementation
+        # One (C, 3C) matmul instead of three (C, C) ones; columns are [q | k | v].
+        self.qkv = _linear(embed_dim, 3 * embed_dim, use_bias, kernel_init, rngs)
+        self.out = _linear(embed_dim, embed_dim, use_bias, out_kernel_init or kernel_init, rngs)
+        self.dropout = _dropout(dropout, rngs)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Self-attention over the whole sequence.
+
+        Args:
+          x: float (B, T, C).
+          mask: optional bool (B, T); False marks padding keys that no query may attend to.
+            Padding queries still produce (meaningless) outputs.
+
+        Returns:
+          float (B, T, C).
+        """
+        q, k, v = self._project(x)  # each (B, T, H, D)
+        if self.rotary:
+            positions = jnp.arange(x.shape[1])
+            q = apply_rotary(q, positions, base=self.rope_base)
+            k = apply_rotary(k, positions, base=self.rope_base)
+        key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
+        y = jax.nn.dot_product_attention(
+            q, k, v, mask=key_mask, is_causal=self.causal, implementation=self.implementation
+        )
+        return self._merge_heads(y)
+
+    def init_cache(
+        self, batch_size: int, length: int, dtype: jnp.dtype = jnp.float32
+    ) -> KVCache:
+        """An empty cache with room for `length` positions: two zero arrays (B, L, H, D)."""
+        shape = (batch_size, length, self.num_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def decode(
+        self, x: jax.Array, cache: KVCache, position: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """Causal attention of S new positions against everything cached so far.
+
+        Pure: the updated cache is returned, not stored. `S` may be a whole prompt
+        (prefill, position 0) or a single token.
+
+        Args:
+          x: float (B, S, C), the inputs at positions `[position, position + S)`.
+          cache: the keys and values of positions `[0, position)`, arrays (B, L, H, D).
+          position: int scalar (may be traced), where `x` starts. The caller keeps
+            `position + S <= L`; writes past the end are clamped by XLA, not reported.
+
+        Returns:
+          `(y, cache)`: y float (B, S, C); the cache with positions `[position, position + S)`
+          written.
+        """
+        if not self.causal:
+            raise ValueError("decode needs causal attention")
+        q, k, v = self._project(x)  # each (B, S, H, D)
+        positions = position + jnp.arange(x.shape[1])  # (S,)
+        if self.rotary:
+            q = apply_rotary(q, positions, base=self.rope_base)
+            k = apply_rotary(k, positions, base=self.rope_base)
+        start = (0, jnp.asarray(position, jnp.int32), 0, 0)
+        cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
+            jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
+        )
+        # Query at position p sees cached keys 0..p; unwritten slots are masked out.
+        visible = jnp.arange(cache.key.shape[1])[None, :] <= positions[:, None]  # (S, L)
+        y = jax.nn.dot_product_attention(
+            q,
+            cache.key.astype(q.dtype),
+            cache.value.astype(q.dtype),
+            mask=visible[None, None],  # (1, 1, S, L)
+            implementation=self.implementation,
+        )
+        return self._merge_heads(y), cache
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, D)
+
+    def _merge_heads(self, y: jax.Array) -> jax.Array:
+        y = self.out(y.reshape(*y.shape[:2], -1))  # (B, T, H * D) -> (B, T, C)
+        return _apply_dropout(self.dropout, y)
+
+
+class FeedForward(nnx.Module):
+    """The position-wise MLP of a transformer block: dense, activation, dense, dropout.
+
+    Call: `(B, T, C)` -> `(B, T, C)`, with a hidden width of `hidden_dim`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        *,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        kernel_init: Initializer | None = None,
+        out_kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.activation = activation_fn(activation)
+        self.fc1 = _linear(embed_dim, hidden_dim, True, kernel_init, rngs)
+        self.fc2 = _linear(hidden_dim, embed_dim, True, out_kernel_init or kernel_init, rngs)
+        self.dropout = _dropout(dropout, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.activation(self.fc1(x))  # (B, T, hidden_dim)
+        return _apply_dropout(self.dropout, self.fc2(h))  # (B, T, C)
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))`.
+
+    Args:
+      embed_dim, num_heads: C and H.
+      causal: causal (decoder) or bidirectional (encoder) attention.
+      mlp_ratio: hidden width of the MLP as a multiple of C (4 in GPT-2 and ViT).
+      dropout: rate on the attention output and the MLP output (0 disables).
+      activation: of the MLP; "gelu" is the tanh approximation, as in GPT-2.
+      rotary, rope_base: rotary position embeddings in the attention.
+      use_bias: biases in the attention projections.
+      kernel_init: initializer of the q/k/v and first MLP kernels (flax's default if None).
+      residual_init: initializer of the two kernels that write into the residual stream
+        (attention output and second MLP layer); `kernel_init` if None.
+      implementation: see `MultiHeadAttention`.
+      rngs: NNX random streams.
+
+    Call: `(B, T, C)` float, optional key mask `(B, T)` bool -> `(B, T, C)`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        rotary: bool = False,
+        rope_base: float = 10_000.0,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        residual_init: Initializer | None = None,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.ln1 = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.attn = MultiHeadAttention(
+            embed_dim,
+            num_heads,
+            causal=causal,
+            dropout=dropout,
+            use_bias=use_bias,
+            rotary=rotary,
+            rope_base=rope_base,
+            kernel_init=kernel_init,
+            out_kernel_init=residual_init,
+            implementation=implementation,
+            rngs=rngs,
+        )
+        self.ln2 = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.mlp = FeedForward(
+            embed_dim,
+            mlp_ratio * embed_dim,
+            activation=activation,
+            dropout=dropout,
+            kernel_init=kernel_init,
+            out_kernel_init=residual_init,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.ln1(x), mask=mask)  # (B, T, C)
+        return x + self.mlp(self.ln2(x))
+
+    def decode(
+        self, x: jax.Array, cache: KVCache, position: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """`__call__` for S new positions with a KV cache; see `MultiHeadAttention.decode`."""
+        attended, cache = self.attn.decode(self.ln1(x), cache, position)
+        x = x + attended  # (B, S, C)
+        return x + self.mlp(self.ln2(x)), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT
+# ---------------------------------------------------------------------------------------------
+
+
+class GPT(nnx.Module):
+    """A GPT-2 style decoder-only language model.
+
+    Token (+ learned position) embeddings, `num_layers` causal pre-LN blocks, a final
+    LayerNorm and a linear head onto the vocabulary (the transposed token embedding when
+    `tie_embeddings`). Initialisation follows GPT-2: weights normal(0, 0.02), biases 0,
+    and the kernels that write into the residual stream normal(0, 0.02 / sqrt(2 * layers)),
+    so the residual stream's variance does not grow with depth.
+
+    Args:
+      vocab_size: V.
+      max_len: the context length: the longest sequence the model (and `generate`) takes.
+      embed_dim, num_heads, num_layers: C, H and the number of blocks.
+      positions: "learned" (a table of `max_len` embeddings, as in GPT-2) or "rotary".
+      tie_embeddings: share the token embedding with the output head.
+      dropout: rate on the embeddings and inside every block (0 disables).
+      mlp_ratio: MLP hidden width as a multiple of C.
+      rngs: NNX random streams; `params` for init, `dropout` if dropout > 0.
+
+    Call: `(B, T)` int tokens, T <= max_len -> `(B, T, V)` float32 logits.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        embed_dim: int,
+        num_heads: int,
+        num_layers: int,
+        *,
+        positions: str = "learned",
+        tie_embeddings: bool = True,
+        dropout: float = 0.0,
+        mlp_ratio: int = 4,
+        rngs: nnx.Rngs,
+    ):
+        _check_choice("positions", positions, POSITIONS)
+        self.vocab_size, self.max_len, self.positions = vocab_size, max_len, positions
+        init = nnx.initializers.normal(0.02)
+        residual_init = nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
+        self.token_embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
+        self.position_embed = (
+            nnx.Embed(max_len, embed_dim, embedding_init=init, rngs=rngs)
+            if positions == "learned"
+            else None
+        )
+        self.dropout = _dropout(dropout, rngs)
+        self.blocks = nnx.List(
+            [
+                TransformerBlock(
+                    embed_dim,
+                    num_heads,
+                    causal=True,
+                    mlp_ratio=mlp_ratio,
+                    dropout=dropout,
+                    rotary=positions == "rotary",
+                    kernel_init=init,
+                    residual_init=residual_init,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.head = (
+            None
+            if tie_embeddings
+            else nnx.Linear(embed_dim, vocab_size, use_bias=False, kernel_init=init, rngs=rngs)
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}")
+        x = self._embed(tokens, jnp.arange(tokens.shape[1]))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self._logits(x)  # (B, T, V)
+
+    def init_cache(
+        self, batch_size: int, length: int | None = None, dtype: jnp.dtype = jnp.float32
+    ) -> tuple[KVCache, ...]:
+        """Empty per-layer caches with room for `length` (default `max_len`) positions."""
+        length = self.max_len if length is None else length
+        return tuple(block.attn.init_cache(batch_size, length, dtype) for block in self.blocks)
+
+    def decode(
+        self, tokens: jax.Array, cache: tuple[KVCache, ...], position: jax.Array | int
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """Logits of S new tokens given the cache of everything before them.
+
+        Args:
+          tokens: int (B, S), the tokens at positions `[position, position + S)`.
+          cache: from `init_cache` or a previous `decode`, one `KVCache` per block.
+          position: int scalar (may be traced).
+
+        Returns:
+          `(logits, cache)`: logits float32 (B, S, V), equal (up to rounding) to
+          `model(all_tokens)[:, position:position + S]`; the updated caches.
+        """
+        x = self._embed(tokens, position + jnp.arange(tokens.shape[1]))  # (B, S, C)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.decode(x, layer_cache, position)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        x = self.token_embed(tokens)  # (B, T, C)
+        if self.position_embed is not None:
+            x = x + self.position_embed(positions)  # (T, C) broadcast over the batch
+        return _apply_dropout(self.dropout, x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.ln_f(x)
+        logits = self.token_embed.attend(x) if self.head is None else self.head(x)
+        return logits.astype(jnp.float32)  # (B, T, V)
+
+
+def gpt_tiny(*, rngs: nnx.Rngs, **overrides) -> GPT:
+    """A GPT for tests and toy data: vocab 256 (bytes), context 128, 2 layers of width 64."""
+    config = dict(vocab_size=256, max_len=128, embed_dim=64, num_heads=4, num_layers=2)
+    return GPT(**{**config, **overrides}, rngs=rngs)
+
+
+def gpt_small(*, rngs: nnx.Rngs, **overrides) -> GPT:
+    """GPT-2 small: 12 layers, width 768, 12 heads, vocab 50257, context 1024 (124M params)."""
+    config = dict(vocab_size=50257, max_len=1024, embed_dim=768, num_heads=12, num_layers=12)
+    return GPT(**{**config, **overrides}, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(
+    model: GPT,
+    key: jax.Array,
+    prompt: jax.Array,
+    num_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+) -> jax.Array:
+    """Samples `num_tokens` continuation tokens from `model` (in eval mode: no dropout).
+
+    With the cache, the prompt is run once (prefill) and then one token per
+    `jax.lax.scan` step. Without it, every step recomputes the full forward pass over a
+    fixed `(B, prompt_len + num_tokens)` buffer, so it too compiles once. Both draw
+    token i with the key `jax.random.split(key, num_tokens)[i]` and so return the same
+    tokens, up to floating-point ties.
+
+    Args:
+      model: a `GPT`; it is not modified.
+      key: PRNG key of the sampling.
+      prompt: int (B, P) with P >= 1 and `P + num_tokens <= model.max_len`.
+      num_tokens: how many tokens to append.
+      temperature: divides the logits; 0 means greedy (argmax).
+      top_k: sample only among the k most likely tokens (None: all); 1 means greedy.
+      use_cache: decode with a KV cache (fast) or by recomputation.
+
+    Returns:
+      int32 (B, P + num_tokens): the prompt followed by the generated tokens.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (B, P) with P >= 1, got shape {prompt.shape}")
+    if prompt.shape[1] + num_tokens > model.max_len:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + num_tokens {num_tokens} exceeds "
+            f"max_len {model.max_len}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if num_tokens == 0:
+        return prompt
+    graphdef, state = nnx.split(model)
+    run = _generate_cached if use_cache else _generate_recompute
+    return run(
+        graphdef, state, key, prompt, num_tokens=num_tokens, temperature=temperature, top_k=top_k
+    )
+
+
+def sample_logits(
+    key: jax.Array, logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None
+) -> jax.Array:
+    """One token per row of `logits` (B, V): int32 (B,). Greedy if temperature 0 or top_k 1."""
+    if temperature == 0 or top_k == 1:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (B, 1)
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+_GENERATE_STATIC = ("graphdef", "num_tokens", "temperature", "top_k")
+
+
+@functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
+def _generate_cached(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    num_tokens: int,
+    temperature: float,
+    top_k: int | None,
+) -> jax.Array:
+    model = _eval_model(graphdef, state)
+    batch, prompt_len = prompt.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    keys = jax.random.split(key, num_tokens)
+    cache = model.init_cache(batch, prompt_len + num_tokens)
+    logits, cache = model.decode(prompt, cache, 0)  # prefill: (B, P, V)
+    first = sample(keys[0], logits[:, -1])  # (B,)
+
+    def step(carry, step_key):
+        token, cache, position = carry
+        logits, cache = model.decode(token[:, None], cache, position)  # (B, 1, V)
+        token = sample(step_key, logits[:, 0])
+        return (token, cache, position + 1), token
+
+    _, rest = jax.lax.scan(step, (first, cache, jnp.int32(prompt_len)), keys[1:])  # (N-1, B)
+    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
+def _generate_recompute(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    num_tokens: int,
+    temperature: float,
+    top_k: int | None,
+) -> jax.Array:
+    model = _eval_model(graphdef, state)
+    batch, prompt_len = prompt.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    buffer = jnp.zeros((batch, prompt_len + num_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
+
+    def step(buffer, inputs):
+        position, step_key = inputs
+        # Causal attention: the zeros after `position` do not affect the logits used here.
+        logits = model(buffer)  # (B, P + N, V)
+        last = jax.lax.dynamic_index_in_dim(logits, position - 1, axis=1, keepdims=False)
+        token = sample(step_key, last)  # (B,)
+        return jax.lax.dynamic_update_slice(buffer, token[:, None], (0, position)), None
+
+    positions = jnp.arange(prompt_len, prompt_len + num_tokens, dtype=jnp.int32)
+    buffer, _ = jax.lax.scan(step, buffer, (positions, jax.random.split(key, num_tokens)))
+    return buffer
+
+
+def _eval_model(graphdef: nnx.GraphDef, state: nnx.State) -> GPT:
+    model = nnx.merge(graphdef, state)
+    model.eval()  # a fresh copy inside the trace: the caller's module keeps its mode
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder classifier
+# ---------------------------------------------------------------------------------------------
+
+
+class EncoderClassifier(nnx.Module):
+    """A bidirectional (BERT-style) transformer encoder that classifies token sequences.
+
+    Args:
+      vocab_size, max_len: V and the longest input sequence.
+      embed_dim, num_heads, num_layers: C, H and the number of blocks.
+      num_classes: outputs of the head.
+      pooling: "mean" (average of the non-padding token outputs) or "cls" (the output of
+        a learned class token prepended to the sequence).
+      positions: "learned" or "rotary".
+      dropout: rate on the embeddings and inside every block (0 disables).
+      mlp_ratio: MLP hidden width as a multiple of C.
+      rngs: NNX random streams.
+
+    Call: `(B, T)` int tokens, optional mask `(B, T)` bool (False = padding) ->
+    `(B, num_classes)` logits. Padding positions influence neither the other tokens
+    (they are masked out as attention keys) nor the pooled vector.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        embed_dim: int,
+        num_heads: int,
+        num_layers: int,
+        num_classes: int,
+        *,
+        pooling: str = "mean",
+        positions: str = "learned",
+        dropout: float = 0.0,
+        mlp_ratio: int = 4,
+        rngs: nnx.Rngs,
+    ):
+        _check_choice("pooling", pooling, POOLINGS)
+        _check_choice("positions", positions, POSITIONS)
+        self.max_len, self.pooling = max_len, pooling
+        init = nnx.initializers.normal(0.02)
+        self.token_embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim))) if pooling == "cls" else None
+        num_positions = max_len + (pooling == "cls")
+        self.position_embed = (
+            nnx.Embed(num_positions, embed_dim, embedding_init=init, rngs=rngs)
+            if positions == "learned"
+            else None
+        )
+        self.dropout = _dropout(dropout, rngs)
+        self.blocks = nnx.List(
+            [
+                TransformerBlock(
+                    embed_dim,
+                    num_heads,
+                    causal=False,
+                    mlp_ratio=mlp_ratio,
+                    dropout=dropout,
+                    rotary=positions == "rotary",
+                    kernel_init=init,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        batch, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
+        mask = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+        x = self.token_embed(tokens)  # (B, T, C)
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + T, C)
+            mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
+        if self.position_embed is not None:
+            x = x + self.position_embed(jnp.arange(x.shape[1]))
+        x = _apply_dropout(self.dropout, x)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        x = self.ln_f(x)
+        if self.pooling == "cls":
+            pooled = x[:, 0]  # (B, C)
+        else:
+            weights = mask[..., None].astype(x.dtype)  # (B, T, 1)
+            pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return self.head(pooled)  # (B, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(
+    in_features: int,
+    out_features: int,
+    use_bias: bool,
+    kernel_init: Initializer | None,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    extra = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=rngs, **extra)
+
+
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    # No module (and no RNG stream in the state) when dropout is off.
+    return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
+
+
+def _apply_dropout(dropout: nnx.Dropout | None, x: jax.Array) -> jax.Array:
+    return x if dropout is None else dropout(x)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
