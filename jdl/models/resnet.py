@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,11 @@ class Projection(nnx.Module):
         return self.bn(self.conv(x))
 
 
+def _check_shortcut(kind: str) -> None:
+    if kind not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {kind!r}")
+
+
 class _Block(nnx.Module):
     """Shortcut handling shared by the residual blocks."""
 
@@ -118,8 +124,6 @@ class _Block(nnx.Module):
     def _init_shortcut(
         self, in_channels: int, out_channels: int, stride: int, kind: str, rngs: nnx.Rngs
     ) -> None:
-        if kind not in SHORTCUTS:
-            raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {kind!r}")
         self.stride, self.out_channels = stride, out_channels
         # Identity when the shape is unchanged; otherwise project or zero-pad.
         needs_change = stride != 1 or in_channels != out_channels
@@ -165,6 +169,7 @@ class BasicBlock(_Block):
         zero_init_residual: bool = False,
         rngs: nnx.Rngs,
     ):
+        _check_shortcut(shortcut)
         self.conv1 = conv(in_channels, channels, 3, stride, rngs=rngs)
         self.bn1 = batch_norm(channels, rngs=rngs)
         self.conv2 = conv(channels, channels, 3, rngs=rngs)
@@ -201,6 +206,7 @@ class Bottleneck(_Block):
         zero_init_residual: bool = False,
         rngs: nnx.Rngs,
     ):
+        _check_shortcut(shortcut)
         out_channels = channels * self.expansion
         self.conv1 = conv(in_channels, channels, 1, rngs=rngs)
         self.bn1 = batch_norm(channels, rngs=rngs)
@@ -217,9 +223,36 @@ class Bottleneck(_Block):
         return jax.nn.relu(y + self._shortcut(x))
 
 
+def make_stage(
+    block: type[BasicBlock] | type[Bottleneck],
+    in_channels: int,
+    channels: int,
+    num_blocks: int,
+    stride: int,
+    **block_kwargs: Any,
+) -> nnx.List:
+    """`num_blocks` blocks of width `channels`; only the first changes shape (by `stride`)."""
+    out_channels = channels * block.expansion
+    return nnx.List(
+        [
+            block(
+                in_channels if j == 0 else out_channels,
+                channels,
+                stride if j == 0 else 1,
+                **block_kwargs,
+            )
+            for j in range(num_blocks)
+        ]
+    )
+
+
 @nnx.remat
-def _checkpointed_call(block: nnx.Module, x: jax.Array) -> jax.Array:
-    # Activations inside the block are recomputed in the backward pass instead of stored.
+def checkpointed_call(block: nnx.Module, x: jax.Array) -> jax.Array:
+    """`block(x)`, with the activations inside the block recomputed in the backward pass.
+
+    Only the block's input is kept for the backward pass, at the cost of running the
+    block's forward pass twice.
+    """
     return block(x)
 
 
@@ -263,9 +296,13 @@ class ResNet(nnx.Module):
     ):
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if shortcut not in (None, *SHORTCUTS):
+            raise ValueError(f"shortcut must be None or one of {SHORTCUTS}, got {shortcut!r}")
         imagenet = stem == "imagenet"
-        width = width or (64 if imagenet else 16)
-        shortcut = shortcut or ("projection" if imagenet else "zero_pad")
+        if width is None:
+            width = 64 if imagenet else 16
+        if shortcut is None:
+            shortcut = "projection" if imagenet else "zero_pad"
         self.stem_pool = imagenet
         self.remat = remat
         stem_kernel, stem_stride = (7, 2) if imagenet else (3, 1)
@@ -273,21 +310,19 @@ class ResNet(nnx.Module):
         self.stem_bn = batch_norm(width, rngs=rngs)
         stages, channels = [], width
         for i, num_blocks in enumerate(stage_sizes):
-            blocks = []
-            for j in range(num_blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(
-                    block(
-                        channels,
-                        width * 2**i,
-                        stride,
-                        shortcut=shortcut,
-                        zero_init_residual=zero_init_residual,
-                        rngs=rngs,
-                    )
-                )
-                channels = width * 2**i * block.expansion
-            stages.append(nnx.List(blocks))
+            stride = 1 if i == 0 else 2
+            stage = make_stage(
+                block,
+                channels,
+                width * 2**i,
+                num_blocks,
+                stride,
+                shortcut=shortcut,
+                zero_init_residual=zero_init_residual,
+                rngs=rngs,
+            )
+            stages.append(stage)
+            channels = width * 2**i * block.expansion
         self.stages = nnx.List(stages)
         bound = 1.0 / math.sqrt(channels)
         self.head = nnx.Linear(
@@ -304,7 +339,7 @@ class ResNet(nnx.Module):
             x = max_pool_3x3_s2(x)  # (B, H / 4, W / 4, width)
         for stage in self.stages:
             for block in stage:
-                x = _checkpointed_call(block, x) if self.remat else block(x)
+                x = checkpointed_call(block, x) if self.remat else block(x)
         x = jnp.mean(x, axis=(1, 2))  # (B, C_last)
         return self.head(x)  # (B, num_classes)
 

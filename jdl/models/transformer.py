@@ -147,9 +147,7 @@ class MultiHeadAttention(nnx.Module):
         )
         return self._merge_heads(y)
 
-    def init_cache(
-        self, batch_size: int, length: int, dtype: jnp.dtype = jnp.float32
-    ) -> KVCache:
+    def init_cache(self, batch_size: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
         """An empty cache with room for `length` positions: two zero arrays (B, L, H, D)."""
         shape = (batch_size, length, self.num_heads, self.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
@@ -411,12 +409,18 @@ class GPT(nnx.Module):
           `(logits, cache)`: logits float32 (B, S, V), equal (up to rounding) to
           `model(all_tokens)[:, position:position + S]`; the updated caches.
         """
+        x, cache = self._decode_hidden(tokens, cache, position)
+        return self._logits(x), cache
+
+    def _decode_hidden(
+        self, tokens: jax.Array, cache: tuple[KVCache, ...], position: jax.Array | int
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
         x = self._embed(tokens, position + jnp.arange(tokens.shape[1]))  # (B, S, C)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block.decode(x, layer_cache, position)
             new_cache.append(layer_cache)
-        return self._logits(x), tuple(new_cache)
+        return x, tuple(new_cache)  # x before the final LayerNorm
 
     def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = self.token_embed(tokens)  # (B, T, C)
@@ -427,7 +431,7 @@ class GPT(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.ln_f(x)
         logits = self.token_embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32)  # (B, T, V)
+        return logits.astype(jnp.float32)  # (..., V)
 
 
 def gpt_tiny(*, rngs: nnx.Rngs, **overrides) -> GPT:
@@ -453,7 +457,7 @@ def generate(
     prompt: jax.Array,
     num_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
     use_cache: bool = True,
 ) -> jax.Array:
@@ -485,7 +489,7 @@ def generate(
             f"prompt length {prompt.shape[1]} + num_tokens {num_tokens} exceeds "
             f"max_len {model.max_len}"
         )
-    if temperature < 0:
+    if isinstance(temperature, int | float) and temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
@@ -493,25 +497,36 @@ def generate(
         return prompt
     graphdef, state = nnx.split(model)
     run = _generate_cached if use_cache else _generate_recompute
-    return run(
-        graphdef, state, key, prompt, num_tokens=num_tokens, temperature=temperature, top_k=top_k
-    )
+    temperature = jnp.asarray(temperature, jnp.float32)  # traced: no recompile per value
+    return run(graphdef, state, key, prompt, temperature, num_tokens=num_tokens, top_k=top_k)
 
 
 def sample_logits(
-    key: jax.Array, logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None
+    key: jax.Array,
+    logits: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
 ) -> jax.Array:
-    """One token per row of `logits` (B, V): int32 (B,). Greedy if temperature 0 or top_k 1."""
-    if temperature == 0 or top_k == 1:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+    """One token per row of `logits` (B, V): int32 (B,).
+
+    Greedy (argmax) when `temperature` is 0 or `top_k` is 1. `temperature` may be traced,
+    so changing it does not recompile; `top_k` fixes a shape and must be a Python int.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if top_k == 1:
+        return greedy
+    temperature = jnp.asarray(temperature, jnp.float32)
+    # The division is guarded so that temperature 0 yields no NaN in the unused branch.
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
     if top_k is not None:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (B, 1)
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
-_GENERATE_STATIC = ("graphdef", "num_tokens", "temperature", "top_k")
+_GENERATE_STATIC = ("graphdef", "num_tokens", "top_k")
 
 
 @functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
@@ -520,9 +535,9 @@ def _generate_cached(
     state: nnx.State,
     key: jax.Array,
     prompt: jax.Array,
+    temperature: jax.Array,
     *,
     num_tokens: int,
-    temperature: float,
     top_k: int | None,
 ) -> jax.Array:
     model = _eval_model(graphdef, state)
@@ -530,8 +545,9 @@ def _generate_cached(
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
     keys = jax.random.split(key, num_tokens)
     cache = model.init_cache(batch, prompt_len + num_tokens)
-    logits, cache = model.decode(prompt, cache, 0)  # prefill: (B, P, V)
-    first = sample(keys[0], logits[:, -1])  # (B,)
+    # Prefill; only the last position needs logits ((B, P, V) would be large).
+    hidden, cache = model._decode_hidden(prompt, cache, 0)  # (B, P, C)
+    first = sample(keys[0], model._logits(hidden[:, -1]))  # (B,)
 
     def step(carry, step_key):
         token, cache, position = carry
@@ -549,9 +565,9 @@ def _generate_recompute(
     state: nnx.State,
     key: jax.Array,
     prompt: jax.Array,
+    temperature: jax.Array,
     *,
     num_tokens: int,
-    temperature: float,
     top_k: int | None,
 ) -> jax.Array:
     model = _eval_model(graphdef, state)

@@ -67,16 +67,14 @@ class ViT(nnx.Module):
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         self.image_size, self.patch_size = image_size, patch_size
         num_patches = (image_size // patch_size) ** 2
-        # Xavier-uniform dense layers and 0.02-normal position embeddings, as in the
-        # reference ViT; the class token starts at zero.
-        init = nnx.initializers.xavier_uniform()
+        # Weights and position embeddings normal(0, 0.02), as in BERT and DeiT (whose
+        # truncated normal differs only beyond 2 std); biases and the class token start at 0.
+        init = nnx.initializers.normal(0.02)
         self.patch_embed = nnx.Linear(
             patch_size * patch_size * in_channels, embed_dim, kernel_init=init, rngs=rngs
         )
         self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim)))
-        self.position_embed = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches + 1, embed_dim))
-        )
+        self.position_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, embed_dim)))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.blocks = nnx.List(
             [
