@@ -2,38 +2,40 @@
 
 Command:
     python -m benchmarks.throughput [--models mnist_mlp,mlp_512,mnist_cnn] [--steps N]
-        [--batch-size 128] [--repeats 3] [--dispatch K:U,...] [--no-torch-compile] [--quick]
+        [--batch-size 128] [--repeats 3] [--dispatch K:U,...] [--threads T]
+        [--no-torch-compile] [--quick]
 
 Every peer trains the same network (same layers and sizes, Adam with learning rate 1e-3,
 softmax cross-entropy, same batch size, same number of steps) on the same synthetic
 MNIST-shaped data held in memory (a few dozen batches of Gaussian images, random labels):
 
-- jdl: `jdl.fit` with `K` steps per dispatch and scan unroll `U`. A few (K, U) settings are
-  timed first with `jdl.make_chunk_runner` (the program `fit` runs) and the fastest is used.
-- pure_jax: plain functions over parameter pytrees (no Flax, no optax), one jitted and
-  donated `lax.scan` per epoch with on-device batches and a fresh permutation per epoch,
-  with the same unroll as jdl. It is the "the framework costs nothing" reference.
-- torch_eager: the same model in `torch.nn`, `torch.optim.Adam`, batches pre-made tensors.
-- torch_compile: the whole train step (forward, backward, Adam) under `torch.compile`
-  with the default inductor backend. If it fails here, its ratio is nan.
+- jdl: `jdl.fit` with K steps per dispatch and unroll U. A couple of (K, U) settings per
+  model are timed first (with `fit` itself) and the fastest is used; the line
+  "settings: ..." says which.
+- pure_jax: the "framework costs nothing" reference: plain functions over parameter
+  pytrees (no Flax, no optax), a hand-written Adam, one jitted and donated program per K
+  steps with jdl's K and unroll (`lax.scan`, or straight-line steps when fully unrolled),
+  batches gathered on the device from a fresh permutation per epoch.
+- torch_eager: the same model in `torch.nn` (NCHW), `torch.optim.Adam` with its defaults,
+  batches pre-made tensors in memory, `torch.set_num_threads(--threads)`.
+- torch_compile: the whole torch train step (forward, backward, Adam) under
+  `torch.compile` with the default inductor backend. If it fails, the reason is printed and
+  its ratio is nan.
 
-What is timed is the steady state: each peer is compiled and warmed up first, then `steps`
-training steps are timed with the wall clock (until the final state is ready). Compilation
-is excluded for every peer alike. For jdl this takes care: every `fit` call traces, lowers
-and compiles its chunk program anew. The XLA compile is served by jdl's persistent
-compilation cache (in a temporary directory), and the remaining per-call cost (tracing,
-lowering, cache load) is the same for a fit of K steps and a fit of K + `steps` steps, so
-jdl's time for `steps` steps is t(fit of K + steps) - t(fit of K). The per-call cost is
-printed on its own line.
+What is timed is the steady state: every peer is compiled and warmed up first, then each
+repeat times `--steps` training steps with the wall clock, until the final state is ready.
+Compilation is excluded for every peer alike. `jdl.fit` builds and compiles its chunk
+program on every call, so the warm-up fit compiles it once and the timed fits get that
+same program back (`JdlPeer`); everything else `fit` does is timed. What a fresh `fit`
+call costs on top of its steps is printed on its own line.
 
-The machine may be shared, so timings are noisy: the peers are timed in turn (the order
-rotates every repeat) and each peer's figure is the median over the repeats. Ratios are
-jdl's median throughput over the peer's, all measured in the same run. One line per model:
+The machine may be shared with other work, so timings are noisy: the peers are timed in
+turn (the order rotates every repeat) and each peer's figure is its median over the
+repeats. Ratios are jdl's median throughput over the peer's, measured in the same run;
+above 1 means jdl is faster. After the detail lines of each model comes one line:
 
-    RESULT model=<name> jdl_samples_per_s=<x> vs_pure_jax=<r> vs_torch_eager=<r>
-        vs_torch_compile=<r>
-
-(on one line; ratio > 1 means jdl is faster).
+    RESULT model=<name> jdl_samples_per_s=<x> vs_pure_jax=<r> vs_torch_eager=<r> \
+vs_torch_compile=<r>
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ import dataclasses
 import math
 import os
 import statistics
-import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -56,30 +58,34 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from jax import lax
-from jax.experimental.compilation_cache import compilation_cache
 from torch import nn
 
 import jdl
+from jdl import loop as jdl_loop
 
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-3
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # jdl's, optax's and torch's defaults
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # the defaults of jdl (optax) and torch
 TUNE_REPEATS = 2
+PEERS = ("jdl", "pure_jax", "torch_eager", "torch_compile")
 QUICK = {"steps": 10, "batch_size": 16, "repeats": 1, "epoch_steps": 5, "dispatch": ((5, 1),)}
+
+Dispatch = tuple[int, int | bool]  # (steps_per_dispatch K, unroll U); U=True: fully unrolled
+Arrays = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A benchmarked network.
+    """A benchmarked network and how it is run.
 
     Attributes:
       name: the name used on the command line and in RESULT lines.
       description: the layers, for humans.
       example_shape: one input example in JAX layout (images are HWC).
       hidden: MLP hidden sizes; empty for the CNN.
-      epoch_steps: batches in the synthetic data set; one epoch is one pure-JAX dispatch.
+      epoch_steps: batches in the synthetic data set (an epoch).
       default_steps: timed steps per repeat when --steps is not given.
-      dispatch: jdl (steps_per_dispatch, unroll) settings to try; the fastest is used.
+      dispatch: jdl (K, U) settings to try; K must divide `epoch_steps`.
     """
 
     name: str
@@ -88,42 +94,37 @@ class ModelSpec:
     hidden: tuple[int, ...]
     epoch_steps: int
     default_steps: int
-    dispatch: tuple[tuple[int, int], ...]
+    dispatch: tuple[Dispatch, ...]
 
     @property
     def is_cnn(self) -> bool:
         return len(self.example_shape) == 3
 
 
-# A rolled scan over these small steps is often not the fastest program on XLA:CPU (the
-# CNN's especially), so each model tries a rolled and an unrolled chunk.
+# Settings tried for jdl. Dense models: a rolled `lax.scan` compiles fast and runs as fast
+# as straight-line steps (faster, measured here). The CNN: convolutions inside an XLA:CPU
+# loop body run over an order of magnitude slower, so only fully unrolled chunks are tried.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec(
-            "mnist_mlp", "784-128-10 ReLU MLP", (784,), (128,), 50, 2000, ((50, 1), (50, 5))
-        ),
+        ModelSpec("mnist_mlp", "784-128-10 ReLU MLP", (784,), (128,), 50, 2000, ((50, 1), (50, 5))),
         ModelSpec(
             "mlp_512", "784-512-512-10 ReLU MLP", (784,), (512, 512), 50, 600, ((50, 1), (50, 5))
         ),
-        # Seconds per step on XLA:CPU inside a loop (see BENCHMARKS.md): few, short chunks.
         ModelSpec(
             "mnist_cnn",
             "conv3x3 32-relu-maxpool2-conv3x3 64-relu-maxpool2-dense 128-relu-dense 10",
             (28, 28, 1),
             (),
             10,
-            20,
-            ((5, 1), (5, 5)),
+            60,
+            ((5, True), (10, True)),
         ),
     )
 }
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def make_data(spec: ModelSpec, batch_size: int, epoch_steps: int) -> dict[str, np.ndarray]:
+def make_data(spec: ModelSpec, batch_size: int, epoch_steps: int) -> Arrays:
     """Synthetic MNIST-shaped data: `epoch_steps` batches, float32 x, int32 y."""
     rng = np.random.default_rng(0)
     num = batch_size * epoch_steps
@@ -133,7 +134,9 @@ def make_data(spec: ModelSpec, batch_size: int, epoch_steps: int) -> dict[str, n
     }
 
 
-# ----------------------------------------------------------------------------- peers
+def format_dispatch(dispatch: Dispatch) -> str:
+    length, unroll = dispatch
+    return f"K={length} unroll={'full' if unroll is True else unroll}"
 
 
 class Peer(Protocol):
@@ -148,52 +151,87 @@ class Peer(Protocol):
         ...
 
 
+# ----------------------------------------------------------------------------- jdl
+
+
 def build_jdl_model(spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
     if spec.is_cnn:
         return jdl.models.CNN(
-            1, NUM_CLASSES, input_shape=spec.example_shape[:2], conv_channels=(32, 64),
-            dense_sizes=(128,), rngs=rngs,
+            1,
+            NUM_CLASSES,
+            input_shape=spec.example_shape[:2],
+            conv_channels=(32, 64),
+            dense_sizes=(128,),
+            rngs=rngs,
         )
     return jdl.models.MLP(spec.example_shape[0], spec.hidden, NUM_CLASSES, rngs=rngs)
 
 
 class JdlPeer:
-    """`jdl.fit`; a fresh state (step 0) per call, so every call runs the same program."""
+    """`jdl.fit` from a fresh state (step 0) per call, so every call runs the same program.
+
+    `fit` builds and compiles its chunk program (`jdl.make_chunk_runner`) on every call.
+    Compilation is excluded for every peer, so the warm-up fit compiles the program once
+    and the timed fits get that same program back: `make_chunk_runner` is wrapped, while
+    they run, to return the program already built for the same train step, data, K and
+    unroll. Everything else `fit` does is timed as it is.
+    """
 
     name = "jdl"
 
-    def __init__(self, spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-                 dispatch: tuple[int, int]):
+    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, dispatch: Dispatch):
         self.model = build_jdl_model(spec, nnx.Rngs(0))
         self.tx, _ = jdl.make_optimizer("adam", learning_rate=LEARNING_RATE)
         self.data = jdl.InMemoryData(arrays, batch_size=batch_size, seed=0)
         self.train_step = jdl.make_train_step(jdl.classification_loss())
-        self.steps_per_dispatch, self.unroll = dispatch
-        self.short_fit_seconds: list[float] = []
+        self.dispatch = dispatch
+        self._programs: dict[tuple[Any, ...], Callable] = {}
 
-    def _fit_seconds(self, num_steps: int) -> float:
+    @contextlib.contextmanager
+    def _reused_programs(self) -> Iterator[None]:
+        build = jdl_loop.make_chunk_runner
+
+        def reuse(train_step: Any, data: Any, length: int, unroll: int | bool = True) -> Callable:
+            key = (train_step, data, length, unroll)  # by identity: the same objects
+            if key not in self._programs:
+                self._programs[key] = build(train_step, data, length, unroll)
+            return self._programs[key]
+
+        with unittest.mock.patch.object(jdl_loop, "make_chunk_runner", reuse):
+            yield
+
+    def fit_seconds(self, num_steps: int) -> float:
+        """Wall time of one `jdl.fit` call (outside `_reused_programs`: it compiles)."""
         state = jdl.TrainState.create(self.model, self.tx, seed=0)  # copies: donation-safe
         start = time.perf_counter()
         result = jdl.fit(
-            state, train_step=self.train_step, train_data=self.data, num_steps=num_steps,
-            log_every=0, steps_per_dispatch=self.steps_per_dispatch, unroll=self.unroll,
+            state,
+            train_step=self.train_step,
+            train_data=self.data,
+            num_steps=num_steps,
+            log_every=0,
+            steps_per_dispatch=self.dispatch[0],
+            unroll=self.dispatch[1],
             progress=False,
         )
         jax.block_until_ready(result.state)
         return time.perf_counter() - start
 
     def warm_up(self) -> None:
-        self._fit_seconds(self.steps_per_dispatch)  # compiles and fills the compilation cache
+        with self._reused_programs():
+            self.fit_seconds(self.dispatch[0])  # compiles the program the timed fits reuse
 
     def time_steps(self, steps: int) -> float:
-        # Both fits pay the same per-call cost (trace, lower, cached compile): it cancels.
-        short = self._fit_seconds(self.steps_per_dispatch)
-        full = self._fit_seconds(self.steps_per_dispatch + steps)
-        self.short_fit_seconds.append(short)
-        return full - short
+        with self._reused_programs():
+            return self.fit_seconds(steps)
 
 
-def init_pure_params(spec: ModelSpec, key: jax.Array) -> dict[str, list[tuple[jax.Array, ...]]]:
+# ----------------------------------------------------------------------------- pure JAX
+
+PureParams = dict[str, list[tuple[jax.Array, jax.Array]]]
+
+
+def init_pure_params(spec: ModelSpec, key: jax.Array) -> PureParams:
     """{"conv": [(kernel HWIO, bias)], "dense": [(kernel, bias)]}, scaled normal init."""
     if spec.is_cnn:
         conv_sizes, dense_sizes = [1, 32, 64], [7 * 7 * 64, 128, NUM_CLASSES]
@@ -202,8 +240,7 @@ def init_pure_params(spec: ModelSpec, key: jax.Array) -> dict[str, list[tuple[ja
     keys = iter(jax.random.split(key, len(conv_sizes) + len(dense_sizes)))
 
     def layer(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-        fan_in = math.prod(shape[:-1])
-        kernel = jax.random.normal(next(keys), shape) / math.sqrt(fan_in)
+        kernel = jax.random.normal(next(keys), shape) / math.sqrt(math.prod(shape[:-1]))
         return kernel, jnp.zeros(shape[-1])
 
     pairs = lambda sizes: zip(sizes[:-1], sizes[1:], strict=True)
@@ -213,14 +250,14 @@ def init_pure_params(spec: ModelSpec, key: jax.Array) -> dict[str, list[tuple[ja
     }
 
 
-def pure_forward(params: dict[str, list[tuple[jax.Array, ...]]], x: jax.Array) -> jax.Array:
+def pure_forward(params: PureParams, x: jax.Array) -> jax.Array:
     """Logits (B, 10) of the MLP or the CNN (NHWC input) described by `params`."""
     for kernel, bias in params["conv"]:
         x = lax.conv_general_dilated(
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         x = jax.nn.relu(x + bias)
-        batch, height, width, channels = x.shape  # 2x2 max pool, as reshape + max
+        batch, height, width, channels = x.shape  # 2x2 max pool as reshape + max, like jdl
         x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
     x = x.reshape(x.shape[0], -1)
     *hidden, (kernel, bias) = params["dense"]
@@ -229,12 +266,12 @@ def pure_forward(params: dict[str, list[tuple[jax.Array, ...]]], x: jax.Array) -
     return x @ kernel + bias
 
 
-def pure_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+def pure_loss(params: PureParams, x: jax.Array, y: jax.Array) -> jax.Array:
     log_probs = jax.nn.log_softmax(pure_forward(params, x))
     return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
 
 
-def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array):
+def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array) -> tuple[Any, ...]:
     """One Adam update (bias-corrected, eps outside the root), as optax and torch do."""
     count = count + 1
     mu = jax.tree.map(lambda m, g: ADAM_B1 * m + (1 - ADAM_B1) * g, mu, grads)
@@ -242,48 +279,71 @@ def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array):
     mu_scale, nu_scale = 1 / (1 - ADAM_B1**count), 1 / (1 - ADAM_B2**count)
     params = jax.tree.map(
         lambda p, m, v: p - LEARNING_RATE * m * mu_scale / (jnp.sqrt(v * nu_scale) + ADAM_EPS),
-        params, mu, nu,
+        params,
+        mu,
+        nu,
     )
     return params, mu, nu, count
 
 
-def make_pure_epoch(batch_size: int, unroll: int) -> Callable:
-    """Jitted `(state, x, y, key) -> (state, losses)`: one shuffled epoch, state donated."""
+def make_pure_chunk(length: int, unroll: int | bool) -> Callable:
+    """Jitted `(state, x, y, order, start) -> (state, losses)`, state donated.
 
-    def train_epoch(state, x, y, key):
-        steps = x.shape[0] // batch_size
-        order = jax.random.permutation(key, x.shape[0])[: steps * batch_size]
+    Runs `length` steps on the batches `order[start : start + length]` (rows of example
+    indices), gathered on the device. Like jdl's chunks: straight-line steps when `unroll`
+    is True or >= `length`, else a `lax.scan` with that unroll.
+    """
 
+    def train_chunk(state, x, y, order, start):
         def one_step(state, indices):
             params, mu, nu, count = state
             loss, grads = jax.value_and_grad(pure_loss)(params, x[indices], y[indices])
             return pure_adam(params, grads, mu, nu, count), loss
 
-        return lax.scan(one_step, state, order.reshape(steps, batch_size), unroll=unroll)
+        rows = lax.dynamic_slice_in_dim(order, start, length)
+        if unroll is True or unroll >= length:
+            losses = []
+            for i in range(length):
+                state, loss = one_step(state, rows[i])
+                losses.append(loss)
+            return state, jnp.stack(losses)
+        return lax.scan(one_step, state, rows, unroll=unroll)
 
-    return jax.jit(train_epoch, donate_argnums=(0,))
+    return jax.jit(train_chunk, donate_argnums=(0,))
 
 
 class PureJaxPeer:
-    """The hand-written JAX loop: one dispatch per epoch of `epoch_steps` steps."""
+    """The hand-written JAX loop, dispatched in chunks of jdl's K steps with jdl's unroll."""
 
     name = "pure_jax"
 
-    def __init__(self, spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-                 unroll: int, epoch_steps: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        arrays: Arrays,
+        batch_size: int,
+        dispatch: Dispatch,
+        epoch_steps: int,
+    ):
         params = init_pure_params(spec, jax.random.PRNGKey(0))
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         self.state = (params, zeros(), zeros(), jnp.zeros((), jnp.float32))
         self.x, self.y = jax.device_put(arrays["x"]), jax.device_put(arrays["y"])
-        self.train_epoch = make_pure_epoch(batch_size, unroll)
+        self.length = dispatch[0]
+        self.train_chunk = make_pure_chunk(*dispatch)
+        num = epoch_steps * batch_size
+        self.shuffle = jax.jit(  # one permutation per epoch, as rows of batch indices
+            lambda key: jax.random.permutation(key, num).reshape(epoch_steps, batch_size)
+        )
         self.epoch_steps = epoch_steps
         self.epoch = 0
 
     def _run_epochs(self, epochs: int) -> None:
         losses = None
         for _ in range(epochs):
-            key = jax.random.fold_in(jax.random.PRNGKey(0), self.epoch)
-            self.state, losses = self.train_epoch(self.state, self.x, self.y, key)
+            order = self.shuffle(jax.random.fold_in(jax.random.PRNGKey(0), self.epoch))
+            for start in range(0, self.epoch_steps, self.length):
+                self.state, losses = self.train_chunk(self.state, self.x, self.y, order, start)
             self.epoch += 1
         jax.block_until_ready((self.state, losses))
 
@@ -296,12 +356,22 @@ class PureJaxPeer:
         return time.perf_counter() - start
 
 
+# ----------------------------------------------------------------------------- PyTorch
+
+
 def build_torch_model(spec: ModelSpec) -> nn.Module:
     if spec.is_cnn:
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(7 * 7 * 64, 128),
+            nn.ReLU(),
+            nn.Linear(128, NUM_CLASSES),
         )
     sizes = [spec.example_shape[0], *spec.hidden]
     layers: list[nn.Module] = []
@@ -313,8 +383,7 @@ def build_torch_model(spec: ModelSpec) -> nn.Module:
 class TorchPeer:
     """PyTorch on pre-made batch tensors, eager or with the whole step under torch.compile."""
 
-    def __init__(self, spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-                 compiled: bool):
+    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, compiled: bool):
         self.name = "torch_compile" if compiled else "torch_eager"
         torch.manual_seed(0)
         self.model = build_torch_model(spec)
@@ -324,8 +393,7 @@ class TorchPeer:
         x = arrays["x"].transpose(0, 3, 1, 2) if spec.is_cnn else arrays["x"]  # NHWC -> NCHW
         inputs = torch.from_numpy(np.ascontiguousarray(x)).split(batch_size)
         labels = torch.from_numpy(arrays["y"].astype(np.int64)).split(batch_size)
-        self.batches = [(a.contiguous(), b.contiguous()) for a, b in zip(inputs, labels,
-                                                                        strict=True)]
+        self.batches = list(zip(inputs, labels, strict=True))  # views of contiguous rows
         self.step = torch.compile(self._train_step) if compiled else self._train_step
         self.position = 0
 
@@ -355,11 +423,11 @@ class TorchPeer:
 
 @dataclasses.dataclass
 class ModelResult:
-    """Median samples/s per peer (nan when a peer could not run) and what was used."""
+    """Samples/s per peer and repeat, and why a peer has none."""
 
     name: str
     steps: int
-    dispatch: tuple[int, int]
+    dispatch: Dispatch
     rates: dict[str, list[float]]
     unavailable: dict[str, str]
 
@@ -379,82 +447,78 @@ class ModelResult:
         )
 
 
-def time_chunk_runner(spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-                      dispatch: tuple[int, int]) -> Callable[[int], float]:
-    """Compiles jdl's chunk program for `dispatch`; returns `seconds(num_chunks)`."""
-    data = jdl.InMemoryData(arrays, batch_size=batch_size, seed=0)
-    tx, _ = jdl.make_optimizer("adam", learning_rate=LEARNING_RATE)
-    state = jdl.TrainState.create(build_jdl_model(spec, nnx.Rngs(0)), tx, seed=0)
-    run_chunk = jdl.make_chunk_runner(
-        jdl.make_train_step(jdl.classification_loss()), data, *dispatch
-    )
-    never = jnp.int32(np.iinfo(np.int32).max)  # no step is skipped
-    holder = {"state": state}
-
-    def seconds(num_chunks: int) -> float:
-        start = time.perf_counter()
-        for _ in range(num_chunks):
-            holder["state"], metrics = run_chunk(holder["state"], data.arrays, never)
-        jax.block_until_ready((holder["state"], metrics))
-        return time.perf_counter() - start
-
-    seconds(1)  # compile
-    return seconds
-
-
-def choose_dispatch(spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-                    candidates: Sequence[tuple[int, int]], tune_steps: int) -> tuple[int, int]:
-    """The fastest (steps_per_dispatch, unroll) of `candidates` for jdl, printed."""
-    if len(candidates) == 1:
-        return candidates[0]
-    timers = {c: time_chunk_runner(spec, arrays, batch_size, c) for c in candidates}
-    rates: dict[tuple[int, int], list[float]] = {c: [] for c in candidates}
+def choose_jdl_peer(
+    spec: ModelSpec,
+    arrays: Arrays,
+    batch_size: int,
+    candidates: Sequence[Dispatch],
+    tune_steps: int,
+) -> JdlPeer:
+    """The warmed-up jdl peer with the fastest of the (K, U) `candidates`, printed."""
+    peers = [JdlPeer(spec, arrays, batch_size, dispatch) for dispatch in candidates]
+    for peer in peers:
+        peer.warm_up()
+    if len(peers) == 1:
+        return peers[0]
+    rates: dict[Dispatch, list[float]] = {peer.dispatch: [] for peer in peers}
     for _ in range(TUNE_REPEATS):
-        for (length, unroll), seconds in timers.items():
-            chunks = max(1, tune_steps // length)
-            rates[(length, unroll)].append(chunks * length * batch_size / seconds(chunks))
-    best = max(candidates, key=lambda c: statistics.median(rates[c]))
+        for peer in peers:
+            steps = max(1, tune_steps // peer.dispatch[0]) * peer.dispatch[0]
+            rates[peer.dispatch].append(steps * batch_size / peer.time_steps(steps))
     tried = ", ".join(
-        f"K={k} unroll={u}: {statistics.median(rates[(k, u)]):,.0f}/s" for k, u in candidates
+        f"{format_dispatch(d)}: {statistics.median(r):,.0f}" for d, r in rates.items()
     )
-    print(f"  jdl settings tried (chunk program, samples/s): {tried}", flush=True)
-    return best
+    print(f"  jdl settings tried (samples/s, median of {TUNE_REPEATS}): {tried}", flush=True)
+    return max(peers, key=lambda peer: statistics.median(rates[peer.dispatch]))
 
 
-def make_peers(spec: ModelSpec, arrays: dict[str, np.ndarray], batch_size: int,
-               dispatch: tuple[int, int], epoch_steps: int, torch_compile: bool
-               ) -> tuple[list[Peer], dict[str, str]]:
-    """The warmed-up peers, and {peer: reason} for those that could not run."""
+def make_peers(
+    spec: ModelSpec,
+    arrays: Arrays,
+    batch_size: int,
+    jdl_peer: JdlPeer,
+    epoch_steps: int,
+    torch_compile: bool,
+) -> tuple[list[Peer], dict[str, str]]:
+    """The warmed-up peers (jdl first), and {peer: reason} for those that could not run."""
     factories: dict[str, Callable[[], Peer]] = {
-        "jdl": lambda: JdlPeer(spec, arrays, batch_size, dispatch),
-        "pure_jax": lambda: PureJaxPeer(spec, arrays, batch_size, dispatch[1], epoch_steps),
+        "pure_jax": lambda: PureJaxPeer(spec, arrays, batch_size, jdl_peer.dispatch, epoch_steps),
         "torch_eager": lambda: TorchPeer(spec, arrays, batch_size, compiled=False),
         "torch_compile": lambda: TorchPeer(spec, arrays, batch_size, compiled=True),
     }
-    peers: list[Peer] = []
+    peers: list[Peer] = [jdl_peer]
     unavailable: dict[str, str] = {}
     for name, factory in factories.items():
         if name == "torch_compile" and not torch_compile:
             unavailable[name] = "skipped (--no-torch-compile)"
             continue
-        start = time.perf_counter()
-        try:
-            peer = factory()
-            peer.warm_up()
-        except Exception as error:  # noqa: BLE001 - torch.compile may fail on a host
-            if name != "torch_compile":
-                raise
-            unavailable[name] = f"failed: {type(error).__name__}: {str(error)[:200]}"
-            print(f"  torch_compile unavailable on this machine: {unavailable[name]}", flush=True)
-            continue
-        print(f"  {name}: compiled and warmed up in {time.perf_counter() - start:.1f} s",
-              flush=True)
-        peers.append(peer)
+        peer = start_peer(name, factory)
+        if isinstance(peer, str):
+            unavailable[name] = peer
+        else:
+            peers.append(peer)
     return peers, unavailable
 
 
-def measure(peers: Sequence[Peer], steps: int, batch_size: int, repeats: int
-            ) -> dict[str, list[float]]:
+def start_peer(name: str, factory: Callable[[], Peer]) -> Peer | str:
+    """The built and warmed-up peer, or why torch_compile could not run (other peers raise)."""
+    start = time.perf_counter()
+    try:
+        peer = factory()
+        peer.warm_up()
+    except Exception as error:  # torch.compile needs a working C++ toolchain, among others
+        if name != "torch_compile":
+            raise
+        reason = f"failed here: {type(error).__name__}: {str(error).strip()[:300]}"
+        print(f"  {name} unavailable: {reason}", flush=True)
+        return reason
+    print(f"  {name}: compiled and warmed up in {time.perf_counter() - start:.1f} s", flush=True)
+    return peer
+
+
+def measure(
+    peers: Sequence[Peer], steps: int, batch_size: int, repeats: int
+) -> dict[str, list[float]]:
     """Samples/s per peer and repeat; the order rotates so no peer always follows another."""
     rates: dict[str, list[float]] = {peer.name: [] for peer in peers}
     for repeat in range(repeats):
@@ -465,96 +529,123 @@ def measure(peers: Sequence[Peer], steps: int, batch_size: int, repeats: int
 
 
 def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
-    steps = args.steps or spec.default_steps
     epoch_steps = args.epoch_steps or spec.epoch_steps
-    print(f"model {spec.name}: {spec.description}; batch {args.batch_size}, "
-          f"{epoch_steps} batches of data", flush=True)
-    arrays = make_data(spec, args.batch_size, epoch_steps)
     candidates = args.dispatch or spec.dispatch
-    dispatch = choose_dispatch(spec, arrays, args.batch_size, candidates, steps // 4)
-    # Whole epochs for the pure-JAX loop and whole chunks for jdl: no partial dispatch.
-    multiple = math.lcm(epoch_steps, dispatch[0])
-    steps = -(-steps // multiple) * multiple
-    print(f"  jdl uses steps_per_dispatch={dispatch[0]} unroll={dispatch[1]}; "
-          f"pure_jax uses unroll={dispatch[1]}; {steps} timed steps per repeat", flush=True)
+    if any(epoch_steps % length for length, _ in candidates):
+        raise ValueError(f"every K of {candidates} must divide the epoch ({epoch_steps} steps)")
+    # Whole epochs: the pure-JAX loop and jdl run the same whole chunks.
+    steps = -(-(args.steps or spec.default_steps) // epoch_steps) * epoch_steps
+    print(
+        f"model {spec.name}: {spec.description}; batch {args.batch_size}, "
+        f"{epoch_steps} batches of data, {steps} timed steps per repeat",
+        flush=True,
+    )
+    arrays = make_data(spec, args.batch_size, epoch_steps)
+    start = time.perf_counter()
+    jdl_peer = choose_jdl_peer(spec, arrays, args.batch_size, candidates, steps // 4)
+    print(
+        f"  jdl: compiled, warmed up and tuned in {time.perf_counter() - start:.1f} s", flush=True
+    )
+    print(
+        f"  settings: jdl.fit {format_dispatch(jdl_peer.dispatch)}; pure_jax the same",
+        flush=True,
+    )
     peers, unavailable = make_peers(
-        spec, arrays, args.batch_size, dispatch, epoch_steps, args.torch_compile
+        spec, arrays, args.batch_size, jdl_peer, epoch_steps, args.torch_compile
     )
     rates = measure(peers, steps, args.batch_size, args.repeats)
-    result = ModelResult(spec.name, steps, dispatch, rates, unavailable)
-    print_details(result, peers)
+    result = ModelResult(spec.name, steps, jdl_peer.dispatch, rates, unavailable)
+    print_rates(result)
+    if not args.quick:
+        print_fit_call_cost(jdl_peer, result.median("jdl"))
     return result
 
 
-def print_details(result: ModelResult, peers: Sequence[Peer]) -> None:
-    for name, values in result.rates.items():
-        runs = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"  {name:13s} median {result.median(name):>10,.0f} samples/s  (repeats: {runs})")
-    for name, reason in result.unavailable.items():
-        print(f"  {name:13s} nan: {reason}")
-    jdl_peer = next(p for p in peers if isinstance(p, JdlPeer))
-    per_step = 1 / (result.median("jdl") / jdl_peer.data.batch_size)
-    per_call = statistics.median(jdl_peer.short_fit_seconds) - jdl_peer.steps_per_dispatch * per_step
-    print(f"  jdl.fit per-call cost outside the steps (trace, lower, cached compile): "
-          f"{per_call:.2f} s", flush=True)
+def print_rates(result: ModelResult) -> None:
+    for name in PEERS:
+        if name in result.rates:
+            runs = ", ".join(f"{value:,.0f}" for value in result.rates[name])
+            print(f"  {name:13s} {result.median(name):>10,.0f} samples/s (repeats: {runs})")
+        else:
+            print(f"  {name:13s} {'nan':>10s} ({result.unavailable[name]})")
+
+
+def print_fit_call_cost(jdl_peer: JdlPeer, samples_per_second: float) -> None:
+    """What a fresh `fit` call costs on top of its steps: it compiles its own program."""
+    length = jdl_peer.dispatch[0]
+    seconds = jdl_peer.fit_seconds(length)
+    outside = seconds - length * jdl_peer.data.batch_size / samples_per_second
+    print(
+        f"  jdl.fit compiles its chunk program on every call: a fresh fit of {length} steps "
+        f"took {seconds:.1f} s, {outside:.1f} s of it outside the steps",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 @contextlib.contextmanager
-def benchmark_environment(threads: int) -> Iterator[None]:
-    """jdl's persistent compilation cache in a temporary directory and torch on `threads`
-    threads, both restored afterwards (the benchmark also runs inside test processes)."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    saved_threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="jdl-throughput-xla-") as path:
-        jdl.enable_compilation_cache(path)
-        compilation_cache.reset_cache()  # a cache looked up earlier (while off) is re-read
-        torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(saved_threads)
-            for name, value in saved.items():
-                jax.config.update(name, value)
-            compilation_cache.reset_cache()
-
-
-def parse_dispatch(text: str) -> tuple[tuple[int, int], ...]:
-    """'50:1,50:5' -> ((50, 1), (50, 5))."""
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` threads, restored afterwards (the benchmark also runs in tests)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return tuple(
-            (int(k), int(u)) for k, u in (item.split(":") for item in text.split(","))
-        )
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected K:U[,K:U...], got {text!r}") from error
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def parse_dispatch(text: str) -> tuple[Dispatch, ...]:
+    """'50:1,10:full' -> ((50, 1), (10, True))."""
+    settings: list[Dispatch] = []
+    for item in text.split(","):
+        length, _, unroll = item.partition(":")
+        try:
+            settings.append((int(length), True if unroll == "full" else int(unroll or 1)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected K:U[,K:U...] with U an int or 'full', got {text!r}"
+            ) from error
+    return tuple(settings)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--steps", type=int, default=0,
-                        help="timed steps per repeat (default: per model)")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=0, help="timed steps per repeat (default: per model)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dispatch", type=parse_dispatch, default=None,
-                        help="jdl steps_per_dispatch:unroll settings to try, e.g. 50:1,50:5 "
-                             "(default: per model)")
-    parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
-                        help="skip torch.compile (its ratio is reported as nan)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads (default: the usable cores)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke run: 10 steps of batch 16, one repeat, K=5 unroll=1")
+    parser.add_argument(
+        "--dispatch",
+        type=parse_dispatch,
+        default=None,
+        help="jdl steps_per_dispatch:unroll settings to try, e.g. 50:1,10:full "
+        "(default: per model)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads (default: the usable CPU cores)",
+    )
+    parser.add_argument(
+        "--no-torch-compile",
+        dest="torch_compile",
+        action="store_false",
+        help="skip torch.compile (its ratio is then nan)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: 10 steps of batch 16, one repeat, K=5 unroll=1",
+    )
     args = parser.parse_args(argv)
     args.epoch_steps = 0  # per model
     if args.quick:
@@ -565,23 +656,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    if min(args.steps, args.batch_size - 1, args.repeats - 1) < 0:
-        parser.error("--steps must be >= 0, --batch-size and --repeats >= 1")
+    if args.steps < 0 or args.batch_size < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--steps must be >= 0; --batch-size, --repeats and --threads >= 1")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
-    """Runs the benchmark, prints detail lines and one RESULT line per model."""
+    """Runs the benchmark: detail lines, then one RESULT line per model."""
     args = parse_args(argv)
     print(
-        f"jdl {jdl.__version__} training throughput: jax {jax.__version__} "
+        f"jdl {jdl.__version__} training throughput; jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__} ({args.threads} threads), "
-        f"{os.cpu_count()} CPU cores; batch {args.batch_size}, {args.repeats} repeats, "
-        f"medians",
+        f"{os.cpu_count()} CPU cores; {args.repeats} repeats, medians",
         flush=True,
     )
     results = []
-    with benchmark_environment(args.threads):
+    with torch_threads(args.threads):
         for name in args.models:
             results.append(benchmark_model(MODELS[name], args))
             print(results[-1].result_line(), flush=True)
