@@ -2,20 +2,21 @@
 
 Command:
     python -m benchmarks.throughput [--models mnist_mlp,mlp_512,mnist_cnn] [--steps N]
-        [--batch-size 128] [--repeats 3] [--dispatch K:U,...] [--threads T]
+        [--batch-size 128] [--repeats 3] [--settings K:U[:cpu],...] [--threads T]
         [--no-torch-compile] [--quick]
 
 Every peer trains the same network (same layers and sizes, Adam with learning rate 1e-3,
 softmax cross-entropy, same batch size, same number of steps) on the same synthetic
 MNIST-shaped data held in memory (a few dozen batches of Gaussian images, random labels):
 
-- jdl: `jdl.fit` with K steps per dispatch and unroll U. A couple of (K, U) settings per
-  model are timed first (with `fit` itself) and the fastest is used; the line
-  "settings: ..." says which.
+- jdl: `jdl.fit` with K steps per dispatch and unroll U (for the CNN also with or without
+  `CNN(cpu_kernels=True)`). A few settings per model are timed first (with `fit` itself)
+  and the fastest is used; the line "settings: ..." says which.
 - pure_jax: the "framework costs nothing" reference: plain functions over parameter
   pytrees (no Flax, no optax), a hand-written Adam, one jitted and donated program per K
   steps with jdl's K and unroll (`lax.scan`, or straight-line steps when fully unrolled),
-  batches gathered on the device from a fresh permutation per epoch.
+  batches gathered on the device from a fresh permutation per epoch. When jdl's CNN uses
+  `cpu_kernels`, the reference calls the same convolution and pooling functions.
 - torch_eager: the same model in `torch.nn` (NCHW), `torch.optim.Adam` with its defaults,
   batches pre-made tensors in memory, `torch.set_num_threads(--threads)`.
 - torch_compile: the whole torch train step (forward, backward, Adam) under
@@ -49,7 +50,7 @@ import statistics
 import time
 import unittest.mock
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -62,16 +63,43 @@ from torch import nn
 
 import jdl
 from jdl import loop as jdl_loop
+from jdl.models import cpu_kernels as jdl_kernels
 
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-3
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # the defaults of jdl (optax) and torch
 TUNE_REPEATS = 2
 PEERS = ("jdl", "pure_jax", "torch_eager", "torch_compile")
-QUICK = {"steps": 10, "batch_size": 16, "repeats": 1, "epoch_steps": 5, "dispatch": ((5, 1),)}
-
-Dispatch = tuple[int, int | bool]  # (steps_per_dispatch K, unroll U); U=True: fully unrolled
 Arrays = dict[str, np.ndarray]
+
+
+class Setting(NamedTuple):
+    """How jdl runs a model.
+
+    Attributes:
+      steps_per_dispatch: K, training steps per compiled chunk.
+      unroll: U, the chunk's `lax.scan` unroll; True writes the K steps out in full.
+      cpu_kernels: CNN only: `CNN(cpu_kernels=True)`, convolution and pooling gradients that
+        stay fast inside XLA:CPU loops (`jdl.models.cpu_kernels`).
+    """
+
+    steps_per_dispatch: int
+    unroll: int | bool
+    cpu_kernels: bool = False
+
+    def __str__(self) -> str:
+        unroll = "full" if self.unroll is True else self.unroll
+        kernels = " cpu_kernels" if self.cpu_kernels else ""
+        return f"K={self.steps_per_dispatch} unroll={unroll}{kernels}"
+
+
+QUICK = {
+    "steps": 10,
+    "batch_size": 16,
+    "repeats": 1,
+    "epoch_steps": 5,
+    "settings": (Setting(5, 1),),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +113,7 @@ class ModelSpec:
       hidden: MLP hidden sizes; empty for the CNN.
       epoch_steps: batches in the synthetic data set (an epoch).
       default_steps: timed steps per repeat when --steps is not given.
-      dispatch: jdl (K, U) settings to try; K must divide `epoch_steps`.
+      settings: jdl settings to try; each K must divide `epoch_steps`.
     """
 
     name: str
@@ -94,7 +122,7 @@ class ModelSpec:
     hidden: tuple[int, ...]
     epoch_steps: int
     default_steps: int
-    dispatch: tuple[Dispatch, ...]
+    settings: tuple[Setting, ...]
 
     @property
     def is_cnn(self) -> bool:
@@ -102,14 +130,29 @@ class ModelSpec:
 
 
 # Settings tried for jdl. Dense models: a rolled `lax.scan` compiles fast and runs as fast
-# as straight-line steps (faster, measured here). The CNN: convolutions inside an XLA:CPU
-# loop body run over an order of magnitude slower, so only fully unrolled chunks are tried.
+# as straight-line steps (faster, measured here). The CNN: plain convolutions inside an
+# XLA:CPU loop body run over an order of magnitude slower, so they are only tried fully
+# unrolled; with cpu_kernels a rolled scan is fine.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("mnist_mlp", "784-128-10 ReLU MLP", (784,), (128,), 50, 2000, ((50, 1), (50, 5))),
         ModelSpec(
-            "mlp_512", "784-512-512-10 ReLU MLP", (784,), (512, 512), 50, 600, ((50, 1), (50, 5))
+            "mnist_mlp",
+            "784-128-10 ReLU MLP",
+            (784,),
+            (128,),
+            50,
+            2000,
+            (Setting(50, 1), Setting(50, 5)),
+        ),
+        ModelSpec(
+            "mlp_512",
+            "784-512-512-10 ReLU MLP",
+            (784,),
+            (512, 512),
+            50,
+            600,
+            (Setting(50, 1), Setting(50, 5)),
         ),
         ModelSpec(
             "mnist_cnn",
@@ -118,7 +161,11 @@ MODELS: dict[str, ModelSpec] = {
             (),
             10,
             60,
-            ((5, True), (10, True)),
+            (
+                Setting(10, True),
+                Setting(10, 1, cpu_kernels=True),
+                Setting(10, True, cpu_kernels=True),
+            ),
         ),
     )
 }
@@ -132,11 +179,6 @@ def make_data(spec: ModelSpec, batch_size: int, epoch_steps: int) -> Arrays:
         "x": rng.normal(size=(num, *spec.example_shape)).astype(np.float32),
         "y": rng.integers(0, NUM_CLASSES, num).astype(np.int32),
     }
-
-
-def format_dispatch(dispatch: Dispatch) -> str:
-    length, unroll = dispatch
-    return f"K={length} unroll={'full' if unroll is True else unroll}"
 
 
 class Peer(Protocol):
@@ -154,7 +196,7 @@ class Peer(Protocol):
 # ----------------------------------------------------------------------------- jdl
 
 
-def build_jdl_model(spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
+def build_jdl_model(spec: ModelSpec, rngs: nnx.Rngs, cpu_kernels: bool = False) -> nnx.Module:
     if spec.is_cnn:
         return jdl.models.CNN(
             1,
@@ -162,6 +204,7 @@ def build_jdl_model(spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
             input_shape=spec.example_shape[:2],
             conv_channels=(32, 64),
             dense_sizes=(128,),
+            cpu_kernels=cpu_kernels,
             rngs=rngs,
         )
     return jdl.models.MLP(spec.example_shape[0], spec.hidden, NUM_CLASSES, rngs=rngs)
@@ -179,12 +222,12 @@ class JdlPeer:
 
     name = "jdl"
 
-    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, dispatch: Dispatch):
-        self.model = build_jdl_model(spec, nnx.Rngs(0))
+    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, setting: Setting):
+        self.model = build_jdl_model(spec, nnx.Rngs(0), setting.cpu_kernels)
         self.tx, _ = jdl.make_optimizer("adam", learning_rate=LEARNING_RATE)
         self.data = jdl.InMemoryData(arrays, batch_size=batch_size, seed=0)
         self.train_step = jdl.make_train_step(jdl.classification_loss())
-        self.dispatch = dispatch
+        self.setting = setting
         self._programs: dict[tuple[Any, ...], Callable] = {}
 
     @contextlib.contextmanager
@@ -210,8 +253,8 @@ class JdlPeer:
             train_data=self.data,
             num_steps=num_steps,
             log_every=0,
-            steps_per_dispatch=self.dispatch[0],
-            unroll=self.dispatch[1],
+            steps_per_dispatch=self.setting.steps_per_dispatch,
+            unroll=self.setting.unroll,
             progress=False,
         )
         jax.block_until_ready(result.state)
@@ -219,7 +262,9 @@ class JdlPeer:
 
     def warm_up(self) -> None:
         with self._reused_programs():
-            self.fit_seconds(self.dispatch[0])  # compiles the program the timed fits reuse
+            self.fit_seconds(
+                self.setting.steps_per_dispatch
+            )  # compiles the program the timed fits reuse
 
     def time_steps(self, steps: int) -> float:
         with self._reused_programs():
@@ -250,9 +295,17 @@ def init_pure_params(spec: ModelSpec, key: jax.Array) -> PureParams:
     }
 
 
-def pure_forward(params: PureParams, x: jax.Array) -> jax.Array:
-    """Logits (B, 10) of the MLP or the CNN (NHWC input) described by `params`."""
+def pure_forward(params: PureParams, x: jax.Array, cpu_kernels: bool = False) -> jax.Array:
+    """Logits (B, 10) of the MLP or the CNN (NHWC input) described by `params`.
+
+    `cpu_kernels`: convolution and pooling from `jdl.models.cpu_kernels` (plain functions),
+    as jdl's `CNN(cpu_kernels=True)` computes them.
+    """
     for kernel, bias in params["conv"]:
+        if cpu_kernels:
+            x = jax.nn.relu(jdl_kernels.conv2d_same(x, kernel) + bias)
+            x = jdl_kernels.max_pool_2x2(x)
+            continue
         x = lax.conv_general_dilated(
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
@@ -266,8 +319,8 @@ def pure_forward(params: PureParams, x: jax.Array) -> jax.Array:
     return x @ kernel + bias
 
 
-def pure_loss(params: PureParams, x: jax.Array, y: jax.Array) -> jax.Array:
-    log_probs = jax.nn.log_softmax(pure_forward(params, x))
+def pure_loss(params: PureParams, x: jax.Array, y: jax.Array, cpu_kernels: bool) -> jax.Array:
+    log_probs = jax.nn.log_softmax(pure_forward(params, x, cpu_kernels))
     return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
 
 
@@ -286,7 +339,7 @@ def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array) -> tu
     return params, mu, nu, count
 
 
-def make_pure_chunk(length: int, unroll: int | bool) -> Callable:
+def make_pure_chunk(setting: Setting) -> Callable:
     """Jitted `(state, x, y, order, start) -> (state, losses)`, state donated.
 
     Runs `length` steps on the batches `order[start : start + length]` (rows of example
@@ -294,10 +347,12 @@ def make_pure_chunk(length: int, unroll: int | bool) -> Callable:
     is True or >= `length`, else a `lax.scan` with that unroll.
     """
 
+    length, unroll, cpu_kernels = setting
+
     def train_chunk(state, x, y, order, start):
         def one_step(state, indices):
             params, mu, nu, count = state
-            loss, grads = jax.value_and_grad(pure_loss)(params, x[indices], y[indices])
+            loss, grads = jax.value_and_grad(pure_loss)(params, x[indices], y[indices], cpu_kernels)
             return pure_adam(params, grads, mu, nu, count), loss
 
         rows = lax.dynamic_slice_in_dim(order, start, length)
@@ -313,7 +368,7 @@ def make_pure_chunk(length: int, unroll: int | bool) -> Callable:
 
 
 class PureJaxPeer:
-    """The hand-written JAX loop, dispatched in chunks of jdl's K steps with jdl's unroll."""
+    """The hand-written JAX loop, run with jdl's setting (K steps per dispatch, unroll)."""
 
     name = "pure_jax"
 
@@ -322,15 +377,15 @@ class PureJaxPeer:
         spec: ModelSpec,
         arrays: Arrays,
         batch_size: int,
-        dispatch: Dispatch,
+        setting: Setting,
         epoch_steps: int,
     ):
         params = init_pure_params(spec, jax.random.PRNGKey(0))
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         self.state = (params, zeros(), zeros(), jnp.zeros((), jnp.float32))
         self.x, self.y = jax.device_put(arrays["x"]), jax.device_put(arrays["y"])
-        self.length = dispatch[0]
-        self.train_chunk = make_pure_chunk(*dispatch)
+        self.length = setting.steps_per_dispatch
+        self.train_chunk = make_pure_chunk(setting)
         num = epoch_steps * batch_size
         self.shuffle = jax.jit(  # one permutation per epoch, as rows of batch indices
             lambda key: jax.random.permutation(key, num).reshape(epoch_steps, batch_size)
@@ -427,7 +482,7 @@ class ModelResult:
 
     name: str
     steps: int
-    dispatch: Dispatch
+    setting: Setting
     rates: dict[str, list[float]]
     unavailable: dict[str, str]
 
@@ -451,25 +506,27 @@ def choose_jdl_peer(
     spec: ModelSpec,
     arrays: Arrays,
     batch_size: int,
-    candidates: Sequence[Dispatch],
+    candidates: Sequence[Setting],
     tune_steps: int,
 ) -> JdlPeer:
-    """The warmed-up jdl peer with the fastest of the (K, U) `candidates`, printed."""
-    peers = [JdlPeer(spec, arrays, batch_size, dispatch) for dispatch in candidates]
+    """The warmed-up jdl peer with the fastest of the `candidates` settings, printed."""
+    peers = [JdlPeer(spec, arrays, batch_size, setting) for setting in candidates]
     for peer in peers:
         peer.warm_up()
     if len(peers) == 1:
         return peers[0]
-    rates: dict[Dispatch, list[float]] = {peer.dispatch: [] for peer in peers}
+    rates: list[list[float]] = [[] for _ in peers]
     for _ in range(TUNE_REPEATS):
-        for peer in peers:
-            steps = max(1, tune_steps // peer.dispatch[0]) * peer.dispatch[0]
-            rates[peer.dispatch].append(steps * batch_size / peer.time_steps(steps))
+        for peer, peer_rates in zip(peers, rates, strict=True):
+            length = peer.setting.steps_per_dispatch
+            steps = max(1, tune_steps // length) * length
+            peer_rates.append(steps * batch_size / peer.time_steps(steps))
+    medians = [statistics.median(peer_rates) for peer_rates in rates]
     tried = ", ".join(
-        f"{format_dispatch(d)}: {statistics.median(r):,.0f}" for d, r in rates.items()
+        f"{peer.setting}: {rate:,.0f}" for peer, rate in zip(peers, medians, strict=True)
     )
     print(f"  jdl settings tried (samples/s, median of {TUNE_REPEATS}): {tried}", flush=True)
-    return max(peers, key=lambda peer: statistics.median(rates[peer.dispatch]))
+    return peers[medians.index(max(medians))]
 
 
 def make_peers(
@@ -482,7 +539,7 @@ def make_peers(
 ) -> tuple[list[Peer], dict[str, str]]:
     """The warmed-up peers (jdl first), and {peer: reason} for those that could not run."""
     factories: dict[str, Callable[[], Peer]] = {
-        "pure_jax": lambda: PureJaxPeer(spec, arrays, batch_size, jdl_peer.dispatch, epoch_steps),
+        "pure_jax": lambda: PureJaxPeer(spec, arrays, batch_size, jdl_peer.setting, epoch_steps),
         "torch_eager": lambda: TorchPeer(spec, arrays, batch_size, compiled=False),
         "torch_compile": lambda: TorchPeer(spec, arrays, batch_size, compiled=True),
     }
@@ -530,8 +587,8 @@ def measure(
 
 def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
     epoch_steps = args.epoch_steps or spec.epoch_steps
-    candidates = args.dispatch or spec.dispatch
-    if any(epoch_steps % length for length, _ in candidates):
+    candidates = args.settings or spec.settings
+    if any(epoch_steps % setting.steps_per_dispatch for setting in candidates):
         raise ValueError(f"every K of {candidates} must divide the epoch ({epoch_steps} steps)")
     # Whole epochs: the pure-JAX loop and jdl run the same whole chunks.
     steps = -(-(args.steps or spec.default_steps) // epoch_steps) * epoch_steps
@@ -547,14 +604,14 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
         f"  jdl: compiled, warmed up and tuned in {time.perf_counter() - start:.1f} s", flush=True
     )
     print(
-        f"  settings: jdl.fit {format_dispatch(jdl_peer.dispatch)}; pure_jax the same",
+        f"  settings: jdl.fit {jdl_peer.setting}; pure_jax the same",
         flush=True,
     )
     peers, unavailable = make_peers(
         spec, arrays, args.batch_size, jdl_peer, epoch_steps, args.torch_compile
     )
     rates = measure(peers, steps, args.batch_size, args.repeats)
-    result = ModelResult(spec.name, steps, jdl_peer.dispatch, rates, unavailable)
+    result = ModelResult(spec.name, steps, jdl_peer.setting, rates, unavailable)
     print_rates(result)
     if not args.quick:
         print_fit_call_cost(jdl_peer, result.median("jdl"))
@@ -572,7 +629,7 @@ def print_rates(result: ModelResult) -> None:
 
 def print_fit_call_cost(jdl_peer: JdlPeer, samples_per_second: float) -> None:
     """What a fresh `fit` call costs on top of its steps: it compiles its own program."""
-    length = jdl_peer.dispatch[0]
+    length = jdl_peer.setting.steps_per_dispatch
     seconds = jdl_peer.fit_seconds(length)
     outside = seconds - length * jdl_peer.data.batch_size / samples_per_second
     print(
@@ -596,16 +653,19 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def parse_dispatch(text: str) -> tuple[Dispatch, ...]:
-    """'50:1,10:full' -> ((50, 1), (10, True))."""
-    settings: list[Dispatch] = []
+def parse_settings(text: str) -> tuple[Setting, ...]:
+    """'50:1,10:full,10:1:cpu' -> (Setting(50, 1), Setting(10, True), Setting(10, 1, True))."""
+    settings = []
     for item in text.split(","):
-        length, _, unroll = item.partition(":")
+        parts = item.split(":")
         try:
-            settings.append((int(length), True if unroll == "full" else int(unroll or 1)))
+            if len(parts) not in (2, 3) or parts[2:] not in ([], ["cpu"]):
+                raise ValueError(item)
+            unroll = True if parts[1] == "full" else int(parts[1])
+            settings.append(Setting(int(parts[0]), unroll, parts[2:] == ["cpu"]))
         except ValueError as error:
             raise argparse.ArgumentTypeError(
-                f"expected K:U[,K:U...] with U an int or 'full', got {text!r}"
+                f"expected K:U[:cpu],... with U an int or 'full', got {text!r}"
             ) from error
     return tuple(settings)
 
@@ -623,11 +683,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--dispatch",
-        type=parse_dispatch,
+        "--settings",
+        type=parse_settings,
         default=None,
-        help="jdl steps_per_dispatch:unroll settings to try, e.g. 50:1,10:full "
-        "(default: per model)",
+        help="jdl steps_per_dispatch:unroll[:cpu] settings to try, e.g. 50:1,10:full,10:1:cpu "
+        "(cpu: CNN(cpu_kernels=True); default: per model)",
     )
     parser.add_argument(
         "--threads",
@@ -651,7 +711,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.steps = args.steps or QUICK["steps"]
         args.batch_size, args.repeats = QUICK["batch_size"], QUICK["repeats"]
-        args.epoch_steps, args.dispatch = QUICK["epoch_steps"], args.dispatch or QUICK["dispatch"]
+        args.epoch_steps, args.settings = QUICK["epoch_steps"], args.settings or QUICK["settings"]
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:

@@ -61,7 +61,7 @@ def test_a_missing_peer_gives_a_nan_ratio():
     result = throughput.ModelResult(
         "mnist_mlp",
         steps=10,
-        dispatch=(5, 1),
+        setting=throughput.Setting(5, 1),
         rates={"jdl": [300.0, 100.0, 200.0], "pure_jax": [100.0], "torch_eager": [400.0]},
         unavailable={"torch_compile": "skipped"},
     )
@@ -71,7 +71,14 @@ def test_a_missing_peer_gives_a_nan_ratio():
     assert math.isnan(values["torch_compile"])
 
 
-def test_dispatch_settings_parse():
-    assert throughput.parse_dispatch("50:1,10:full") == ((50, 1), (10, True))
-    with pytest.raises(argparse.ArgumentTypeError, match="K:U"):
-        throughput.parse_dispatch("fifty:1")
+def test_settings_parse():
+    Setting = throughput.Setting
+    assert throughput.parse_settings("50:1,10:full,10:1:cpu") == (
+        Setting(50, 1),
+        Setting(10, True),
+        Setting(10, 1, cpu_kernels=True),
+    )
+    assert str(Setting(10, True, cpu_kernels=True)) == "K=10 unroll=full cpu_kernels"
+    for bad in ("fifty:1", "10", "10:1:gpu"):
+        with pytest.raises(argparse.ArgumentTypeError, match="K:U"):
+            throughput.parse_settings(bad)
