@@ -129,10 +129,10 @@ class ModelSpec:
         return len(self.example_shape) == 3
 
 
-# Settings tried for jdl. Dense models: a rolled `lax.scan` compiles fast and runs as fast
-# as straight-line steps (faster, measured here). The CNN: plain convolutions inside an
-# XLA:CPU loop body run over an order of magnitude slower, so they are only tried fully
-# unrolled; with cpu_kernels a rolled scan is fine.
+# Settings tried for jdl. Dense models: rolled or lightly unrolled scans compiled faster and
+# ran faster than straight-line chunks here. The CNN: plain convolutions inside an XLA:CPU
+# loop body run over an order of magnitude slower, so they are only tried fully unrolled;
+# with cpu_kernels a rolled scan is fine.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
