@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl.checkpoint import Checkpointer
-from jdl.data.pipeline import InMemoryData
+from jdl.data.pipeline import BatchSampler, InMemoryData
 from jdl.logging import MetricLogger, plot_curves
 from jdl.state import TrainState
 from jdl.steps import EvalStep, Metrics, TrainStep
@@ -125,7 +125,7 @@ def fit(
         progress=progress,
         enabled=jax.process_index() == 0,
     )
-    if start_step:
+    if resumed_json:
         logger.message(f"resumed from the checkpoint at step {start_step}")
     run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll)
     run_eval = make_evaluator(eval_step, eval_batch_size) if eval_step is not None else None
@@ -204,7 +204,10 @@ def fit(
 
 
 def make_chunk_runner(
-    train_step: TrainStep, data: InMemoryData, length: int, unroll: int | bool = True
+    train_step: TrainStep,
+    data: InMemoryData | BatchSampler,
+    length: int,
+    unroll: int | bool = True,
 ) -> Callable:
     """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
 
@@ -218,8 +221,33 @@ def make_chunk_runner(
     slower than at the top level (see BENCHMARKS.md), so the train step is never put
     under `lax.cond`, and a rolled `lax.scan` (`unroll=1`) is only worth it for models
     without convolutions, where it trades nothing at run time for a faster compile.
-    """
 
+    The jitted program is cached per (train_step, sampler, length, unroll), so calling
+    `fit` again with the same step function and data set-up does not trace or compile
+    again. The cache holds no arrays and lets go when `train_step` is garbage collected.
+    """
+    sampler = data.sampler if isinstance(data, InMemoryData) else data
+    key = (sampler, length, unroll)
+    # The cache lives on the step function itself, so it goes when the function goes
+    # (a global weak-keyed cache would keep it alive through the program's closure).
+    cache = getattr(train_step, _CACHE_ATTRIBUTE, None)
+    if cache is None:
+        cache = {}
+        try:
+            setattr(train_step, _CACHE_ATTRIBUTE, cache)
+        except (AttributeError, TypeError):  # e.g. a callable object with __slots__
+            pass
+    if key not in cache:
+        cache[key] = _build_chunk_runner(train_step, sampler, length, unroll)
+    return cache[key]
+
+
+_CACHE_ATTRIBUTE = "_jdl_chunk_runners"
+
+
+def _build_chunk_runner(
+    train_step: TrainStep, data: BatchSampler, length: int, unroll: int | bool
+) -> Callable:
     def run_chunk(state: TrainState, arrays, stop):
         def one_step(carry, _):
             state, order = carry
@@ -253,8 +281,22 @@ def make_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
     """Returns `evaluate(state, arrays) -> {name: mean}` over a whole eval set.
 
     The set is padded to a whole number of batches and the padding is masked out, so
-    every example counts exactly once. Compiles once per eval-set size.
+    every example counts exactly once. Compiles once per eval-set size; the evaluator is
+    cached on `eval_step` (like the chunk programs), so repeated `fit` calls reuse it.
     """
+    cache = getattr(eval_step, _CACHE_ATTRIBUTE, None)
+    if cache is None:
+        cache = {}
+        try:
+            setattr(eval_step, _CACHE_ATTRIBUTE, cache)
+        except (AttributeError, TypeError):
+            pass
+    if batch_size not in cache:
+        cache[batch_size] = _build_evaluator(eval_step, batch_size)
+    return cache[batch_size]
+
+
+def _build_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
 
     @jax.jit
     def evaluate_padded(state, arrays, mask):

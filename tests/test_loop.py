@@ -115,6 +115,30 @@ def test_fit_compiles_train_chunk_once():
     assert many_chunks == per_fit, "more chunks or evals must not compile anything new"
 
 
+def test_repeated_fit_reuses_compiled_programs(capsys):
+    # A second fit with the same step functions and data set-up (new objects with equal
+    # settings and a new state) must not trace or compile anything.
+    loss = jdl.classification_loss()
+    steps = dict(train_step=jdl.make_train_step(loss), eval_step=jdl.make_eval_step(loss))
+    first = _fit(_state(), num_steps=16, eval_every=8, **steps)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
+    try:
+        # Starts where the first stopped, without a workdir: no "resumed" claim either.
+        again = _fit(first.state, num_steps=32, eval_every=8, **steps)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert again.step == 32
+    assert compiles == [], "a repeated fit compiled again"
+    assert "resumed" not in capsys.readouterr().err
+
+
 def test_same_seed_same_result_and_different_seed_differs():
     a = _fit(_state(seed=0), num_steps=30)
     b = _fit(_state(seed=0), num_steps=30)

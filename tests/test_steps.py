@@ -45,6 +45,25 @@ def test_sgd_step_matches_hand_computed_gradient():
     assert int(new_state.step) == 1
 
 
+def test_norm_metrics_off_drops_the_norms_not_the_update():
+    x = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    batch = {"x": x, "y": jnp.array([1.0, -2.0])}
+    state = jdl.TrainState.create(LinearRegression(nnx.Rngs(0)), optax.sgd(0.1), seed=0)
+    with_norms, full = jax.jit(jdl.make_train_step(mse_loss))(state, batch)
+    without, lean = jax.jit(jdl.make_train_step(mse_loss, norm_metrics=False))(state, batch)
+    assert {"grad_norm", "param_norm"} <= set(full) and not {"grad_norm", "param_norm"} & set(lean)
+    for a, b in zip(jax.tree.leaves(with_norms), jax.tree.leaves(without), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Skipping non-finite steps still looks at the gradients without the metric.
+    bad = {"x": x.at[0, 0].set(jnp.inf), "y": batch["y"]}
+    step = jax.jit(jdl.make_train_step(mse_loss, norm_metrics=False, skip_nonfinite=True))
+    skipped, metrics = step(state, bad)
+    assert float(metrics["skipped_steps"]) == 1.0
+    np.testing.assert_array_equal(
+        skipped.params["linear"]["kernel"], state.params["linear"]["kernel"]
+    )
+
+
 class DropoutProbe(nnx.Module):
     def __init__(self, rngs):
         self.dropout = nnx.Dropout(0.5, rngs=rngs)

@@ -11,12 +11,41 @@ exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _SHUFFLE_SALT = 0x5EED
+
+
+@dataclass(frozen=True)
+class BatchSampler:
+    """Which examples make the batch of each step: the array-free part of `InMemoryData`.
+
+    Hashable and small, so compiled programs can be cached on it (two datasets with the
+    same sampler draw their batches the same way; only the arrays passed in differ).
+    """
+
+    seed: int
+    num_examples: int
+    batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def epoch_permutation(self, epoch: jax.Array) -> jax.Array:
+        """The example order of `epoch` (int32 (N,)), identical on every call."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _SHUFFLE_SALT)
+        return jax.random.permutation(jax.random.fold_in(key, epoch), self.num_examples)
+
+    def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
+        """The batch for global `step`, given the current epoch's `order`. Traceable."""
+        position = (step % self.steps_per_epoch) * self.batch_size
+        indices = jax.lax.dynamic_slice(order, (position,), (self.batch_size,))
+        return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
 
 
 class InMemoryData:
@@ -53,22 +82,20 @@ class InMemoryData:
                 "examples); lower the batch size"
             )
         self.batch_size = batch_size
-        self.steps_per_epoch = self.num_examples // batch_size
         self.seed = seed
+        self.sampler = BatchSampler(seed, self.num_examples, batch_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         self.arrays = {
             name: jax.device_put(np.asarray(value), sharding) for name, value in arrays.items()
         }
 
     def epoch_permutation(self, epoch: jax.Array) -> jax.Array:
         """The example order of `epoch` (int32 (N,)), identical on every call."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _SHUFFLE_SALT)
-        return jax.random.permutation(jax.random.fold_in(key, epoch), self.num_examples)
+        return self.sampler.epoch_permutation(epoch)
 
     def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
         """The batch for global `step`, given the current epoch's `order`. Traceable."""
-        position = (step % self.steps_per_epoch) * self.batch_size
-        indices = jax.lax.dynamic_slice(order, (position,), (self.batch_size,))
-        return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+        return self.sampler.batch_at(arrays, order, step)
 
     def data_state(self, step: int) -> dict:
         """The JSON-able position in the data after `step` steps (saved in checkpoints)."""
