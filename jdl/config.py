@@ -153,6 +153,12 @@ def parse_duration(value: int | str, *, steps_per_epoch: int, batch_size: int) -
 
     Raises:
       ConfigError: an unknown unit, a non-number or a duration <= 0.
+
+    Example:
+      >>> parse_duration("3 epochs", steps_per_epoch=100, batch_size=32)
+      300
+      >>> parse_duration("1000 examples", steps_per_epoch=100, batch_size=32)  # rounds up
+      32
     """
     if isinstance(value, bool):
         raise ConfigError(f"duration must be a number of steps/epochs/examples, got {value!r}")

@@ -103,6 +103,12 @@ def softmax_xent(
         `label_smoothing` is outside `[0, 1]` (checked when it is a Python number; a traced
         value is used as is).
       TypeError: if `logits` is not floating or `labels` is not integer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> softmax_xent(logits=logits, labels=jnp.array([0, 2])).round(4)
+      Array([0.2395, 1.0986], dtype=float32)
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)

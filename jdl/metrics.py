@@ -56,6 +56,11 @@ def accuracy(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     Raises:
       ValueError: if `logits.shape[:-1] != labels.shape` or there is no class axis.
       TypeError: if `logits` is not floating or `labels` is not integer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> accuracy(logits=jnp.array([[0.1, 0.9], [0.8, 0.2]]), labels=jnp.array([1, 1]))
+      Array([1., 0.], dtype=float32)
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -124,6 +129,13 @@ def confusion_matrix(*, logits: ArrayLike, labels: ArrayLike, num_classes: int) 
     Raises:
       ValueError: on a shape mismatch or if `logits.shape[-1] != num_classes`.
       TypeError: if `logits` is not floating or `labels` is not integer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+      >>> confusion_matrix(logits=logits, labels=jnp.array([0, 1, 1]), num_classes=2)
+      Array([[1, 0],
+             [1, 1]], dtype=int32)
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)

@@ -378,6 +378,13 @@ def make_optimizer(
       ValueError: unknown `name` or `schedule` (the message lists the valid
         names), or an invalid value (the message names the argument).
       TypeError: an unknown keyword in `schedule_kwargs`.
+
+    Example:
+      >>> tx, schedule = make_optimizer(
+      ...     "sgd", learning_rate=0.1, schedule="cosine", total_steps=100
+      ... )
+      >>> tuple(round(float(schedule(step)), 3) for step in (0, 50, 100))
+      (0.1, 0.05, 0.0)
     """
     _check_choice("optimizer", name, OPTIMIZERS)
     _check_optimizer_values(name, momentum, nesterov, b1, b2, eps, alpha, weight_decay)

@@ -85,7 +85,13 @@ def split_model(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
 
 
 def count_params(tree: Any) -> int:
-    """Total number of scalar entries in a pytree of arrays (e.g. `state.params`)."""
+    """Total number of scalar entries in a pytree of arrays (e.g. `state.params`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> count_params({"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)})
+      16
+    """
     return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
