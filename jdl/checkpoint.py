@@ -29,6 +29,14 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the structure or shapes of the state it restores into."""
 
 
+class CheckpointCorruptError(ValueError):
+    """No checkpoint in the directory could be read (truncated, missing or garbled files)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """What `Checkpointer.restore` returns."""
@@ -87,7 +95,10 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
             create=True,
+            # Half-written step folders of a killed or failed run are removed on start.
+            cleanup_tmp_directories=True,
         )
+        self._writing_step: int | None = None  # the step of an unfinished async save
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -102,6 +113,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, oldest first."""
         return list(self._manager.all_steps())
 
     def save(
@@ -119,16 +131,26 @@ class Checkpointer:
           state: the pytree to save (e.g. a `TrainState`).
           data_state: JSON-serialisable position in the data stream.
           metrics: scalar metrics of this step; `best_metric` is read from here.
+
+        Raises:
+          CheckpointWriteError: this or the previous (asynchronous) save failed, e.g. with
+            a full disk. Earlier checkpoints are untouched; the failed step's partial
+            files are removed when the next run starts.
         """
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state or {}),
-            ),
-            metrics=metrics,
-        )
+        self.wait()  # an earlier async write that failed is reported here, with its step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state or {}),
+                ),
+                metrics=metrics,
+            )
+        except Exception as error:
+            raise self._write_error(step, error) from error
+        self._writing_step = step
 
     def restore(self, target: Any, *, step: int | None = None) -> Restored:
         """Restores the checkpoint at `step` (default: the latest) into `target`'s layout.
@@ -136,15 +158,49 @@ class Checkpointer:
         Args:
           target: a pytree with the structure, shapes, dtypes and shardings to restore
             into: a live state or its `jax.ShapeDtypeStruct` abstraction.
-          step: which checkpoint; None means the latest.
+          step: which checkpoint; None means the newest readable one: a checkpoint that
+            fails to restore (truncated, missing or garbled files) is reported in a one-line
+            warning, renamed to `<step>.corrupt` so that later saves can reuse its step, and
+            the next older one is tried.
 
         Raises:
           FileNotFoundError: there is no checkpoint (at that step).
           CheckpointMismatchError: the checkpoint's tree or shapes differ from `target`;
             the message names the first differing parameter path and both shapes.
+          CheckpointCorruptError: no checkpoint could be read.
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
+        if step is not None:
+            return self._restore_step(target, step)
+        failures: list[tuple[int, Exception]] = []
+        for candidate in sorted(self.all_steps(), reverse=True):
+            try:
+                restored = self._restore_step(target, candidate)
+            except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
+                failures.append((candidate, error))
+                continue
+            for bad_step, error in failures:
+                log.warning(
+                    "checkpoint at step %d in %s is unreadable (%s); using step %d instead",
+                    bad_step,
+                    self.directory,
+                    _one_line(error),
+                    candidate,
+                )
+                self._set_aside(bad_step)
+            return restored
+        if not failures:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        mismatches = [error for _, error in failures if isinstance(error, CheckpointMismatchError)]
+        if mismatches:  # every checkpoint fits another model: a usage error, not corruption
+            raise mismatches[0]
+        raise CheckpointCorruptError(
+            f"no checkpoint in {self.directory} could be read: "
+            + "; ".join(f"step {bad}: {_one_line(error)}" for bad, error in failures)
+            + ". Delete the directory to start afresh."
+        ) from failures[0][1]
+
+    def _restore_step(self, target: Any, step: int) -> Restored:
+        if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         self._check_compatible(step, abstract)
@@ -160,6 +216,11 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)["state"]
         saved_shapes = _shapes_by_path(saved)
         target_shapes = _shapes_by_path(abstract)
+        if target_shapes and not saved_shapes:  # e.g. its tree metadata file is gone
+            raise CheckpointCorruptError(
+                f"checkpoint at step {step} in {self.directory} lists no arrays (missing "
+                "or empty tree metadata)"
+            )
         for path, shape in target_shapes.items():
             if path not in saved_shapes:
                 raise CheckpointMismatchError(
@@ -193,12 +254,56 @@ class Checkpointer:
         return pick(scored)[1]
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is complete on disk.
+
+        Raises:
+          CheckpointWriteError: the last asynchronous save failed.
+        """
+        step, self._writing_step = self._writing_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(step, error) from error
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves (raising `CheckpointWriteError` if one failed), then closes."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+        """A clear error for a failed save. Its partial files (a temporary folder that is
+        never taken for a checkpoint) are left to Orbax's clean-up when a run starts: a
+        background writer may still be busy in them."""
+        self._manager.reload()
+        kept = self.all_steps()
+        where = f"at step {step} " if step is not None else ""
+        return CheckpointWriteError(
+            getattr(error, "errno", None),
+            f"writing the checkpoint {where}to {self.directory} failed: {_one_line(error)}. "
+            + (
+                f"The checkpoints at steps {kept} are intact; fix the cause (e.g. free disk "
+                f"space) and run again to resume from step {max(kept)}."
+                if kept
+                else "There is no earlier checkpoint; fix the cause (e.g. free disk space)."
+            ),
+        )
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable checkpoint out of the way (kept for inspection)."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            if os.path.isdir(path):
+                os.replace(path, f"{path}.corrupt")
+        self._manager.reload()
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:

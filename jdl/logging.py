@@ -105,6 +105,7 @@ class MetricLogger:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Closes the progress bar and flushes and closes the metric and event files."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

@@ -14,6 +14,40 @@ import numpy as np
 Split = dict[str, np.ndarray]
 
 
+class NonFiniteDataError(ValueError):
+    """A floating-point input array holds NaN or infinity."""
+
+
+def check_finite(arrays: Split, *, where: str) -> None:
+    """Raises if a floating-point array in `arrays` holds NaN or +-inf.
+
+    One vectorised pass on the host per array (integer arrays are skipped), so it
+    is cheap next to training; loaders and `InMemoryData` call it once.
+
+    Args:
+      arrays: name -> array with a leading example dimension.
+      where: what the arrays are, for the message (e.g. "mnist/train").
+
+    Raises:
+      NonFiniteDataError: naming the array, the first bad example index, the
+        position inside it and the bad value.
+    """
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "fc" or value.size == 0:
+            continue
+        finite = np.isfinite(value)
+        if finite.all():
+            continue
+        position = np.unravel_index(int(np.argmin(finite.reshape(-1))), value.shape)
+        index = int(position[0]) if value.ndim else 0
+        raise NonFiniteDataError(
+            f"{where}: array {name!r} holds {value[position]} at example {index} "
+            f"(position {tuple(int(i) for i in position)}); clean or drop such examples "
+            "before training"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Named splits of host arrays plus the facts a model needs.
@@ -37,6 +71,7 @@ class Dataset:
                 raise ValueError(
                     f"{self.name}/{split_name}: arrays disagree on the number of examples: {sizes}"
                 )
+            check_finite(arrays, where=f"{self.name}/{split_name}")
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:
@@ -44,6 +79,7 @@ class Dataset:
         return self.splits[split]
 
     def num_examples(self, split: str) -> int:
+        """The number of examples in `split`."""
         return len(self[split]["y"])
 
 

@@ -1,0 +1,62 @@
+"""A tiny training run for the crash tests: `python tests/faults_worker.py WORKDIR STEPS CACHE`.
+
+Trains a small MLP on synthetic blobs with `jdl.fit`, checkpointing every
+`CHECKPOINT_EVERY` steps into WORKDIR (resuming from it if it holds a
+checkpoint), then writes the final parameters to WORKDIR/final_params.npz.
+CACHE is a persistent compilation cache shared by all workers, so only the
+first one compiles. tests/test_faults.py kills it with SIGKILL at chosen moments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+CHECKPOINT_EVERY = 2
+
+
+def blobs(n=256, classes=4, dim=8, seed=0):
+    import numpy as np
+
+    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = centers[y] + rng.normal(0, 1, (n, dim))
+    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+
+
+def main(workdir: str, num_steps: int, cache: str) -> None:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import jdl
+
+    jdl.enable_compilation_cache(cache)
+    model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
+    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
+    state = jdl.TrainState.create(model, tx, seed=0)
+    result = jdl.fit(
+        state,
+        train_step=jdl.make_train_step(jdl.classification_loss()),
+        train_data=jdl.InMemoryData(blobs(), batch_size=32, seed=0),
+        num_steps=num_steps,
+        log_every=CHECKPOINT_EVERY,
+        workdir=workdir,
+        checkpoint_every=CHECKPOINT_EVERY,
+        max_to_keep=2,
+        steps_per_dispatch=1,
+        progress=False,
+    )
+    leaves = jax.tree_util.tree_flatten_with_path(result.state.params)[0]
+    np.savez(
+        os.path.join(workdir, "final_params.npz"),
+        **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
+    )
+    print(f"done at step {result.step}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,39 @@
+"""benchmarks.soak: a short run prints one sample per segment and a consistent verdict."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import soak
+
+VERDICT = re.compile(
+    r"SOAK (?P<verdict>PASS|FAIL) steps=(?P<steps>\d+) host_growth_mib=(?P<host>-?[\d.]+) "
+    r"device_growth_mib=(?P<device>-?[\d.]+)"
+)
+
+
+def test_short_soak_samples_every_segment_and_passes(capsys):
+    # A short run is all warm-up (imports, compiles): the growth limit here only checks
+    # that the verdict follows the figures; the real check is the 20,000-step run.
+    passed = soak.main(
+        ["--steps", "200", "--every", "100", "--warmup", "100", "--no-workdir"]
+        + ["--max-host-growth-mib", "512"]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [
+        line.split() for line in lines if re.fullmatch(r"\s*\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line)
+    ]
+    assert [int(row[0]) for row in rows] == [100, 200]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    verdict = VERDICT.fullmatch(lines[-1])
+    assert verdict, lines[-1]
+    assert int(verdict["steps"]) == 200
+    # The growth printed is the difference of the sampled rows (from step 100 to 200).
+    host_growth = float(rows[-1][1]) - float(rows[0][1])
+    assert abs(float(verdict["host"]) - host_growth) < 0.2
+    assert float(verdict["device"]) == 0.0  # the same state and data arrays throughout
+    assert passed is (verdict["verdict"] == "PASS") and passed
+
+
+def test_host_rss_is_read_from_proc():
+    assert 10 * soak.MIB < soak.host_rss_bytes() < 1 << 40
