@@ -11,6 +11,7 @@ chunks that end at a boundary simply skip their remaining iterations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdl import parallel
 from jdl.checkpoint import Checkpointer
-from jdl.data.pipeline import BatchSampler, InMemoryData
+from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData
+from jdl.lock import WorkdirLock
 from jdl.logging import MetricLogger, plot_curves
 from jdl.state import TrainState
 from jdl.steps import EvalStep, Metrics, TrainStep
@@ -52,11 +55,25 @@ class FitResult:
     seconds: float
 
 
+def _holding_workdir_lock(fit_fn: Callable) -> Callable:
+    """Runs `fit_fn` holding `WORKDIR/.lock` (process 0 only): one run per workdir."""
+
+    @functools.wraps(fit_fn)
+    def locked_fit(*args, workdir: str | None = None, **kwargs):
+        if workdir is None or jax.process_index() != 0:
+            return fit_fn(*args, workdir=workdir, **kwargs)
+        with WorkdirLock(workdir):  # released on return and on any error
+            return fit_fn(*args, workdir=workdir, **kwargs)
+
+    return locked_fit
+
+
+@_holding_workdir_lock
 def fit(
     state: TrainState,
     *,
     train_step: TrainStep,
-    train_data: InMemoryData,
+    train_data: InMemoryData | StreamingData,
     num_steps: int,
     eval_step: EvalStep | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
@@ -72,6 +89,8 @@ def fit(
     steps_per_dispatch: int = 1,
     unroll: int | bool = True,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    sharding_rules: parallel.ShardingRules | None = None,
 ) -> FitResult:
     """Trains `state` for `num_steps` steps and returns the result.
 
@@ -81,14 +100,17 @@ def fit(
     Args:
       state: initial state (its shapes, dtypes and shardings are the restore target).
       train_step: pure `(state, batch) -> (state, metrics)`, see `jdl.steps`.
-      train_data: the on-device training set.
+      train_data: the training set: `InMemoryData` (on the device, batches drawn inside
+        the compiled chunk) or `StreamingData` (host pipeline; each chunk program takes
+        its `steps_per_dispatch` prefetched batches as input).
       num_steps: total optimizer steps of the run.
       eval_step: per-example eval metrics `(state, batch) -> metrics`.
       eval_data: host arrays {"x", "y"} to evaluate on.
       eval_every: evaluate every this many steps (0: only at the end).
       eval_batch_size: examples per eval batch (the tail is masked, not dropped).
       log_every: write train metrics every this many steps.
-      workdir: run directory for metrics, TensorBoard, checkpoints, curves.
+      workdir: run directory for metrics, TensorBoard, checkpoints, curves. The run
+        holds `workdir/.lock` throughout (see `jdl.lock`).
       checkpoint_every: save every this many steps (0: only at the end). Needs workdir.
       max_to_keep: number of latest checkpoints kept.
       best_metric: eval metric name (e.g. "accuracy") that picks the best checkpoint
@@ -101,12 +123,25 @@ def fit(
         with that unroll factor (faster compiles for long chunks of small dense models;
         slow for convolutions on CPU, see `make_chunk_runner`).
       progress: show a progress bar.
+      mesh: train on this device mesh (see `jdl.parallel`): the state is placed by
+        `sharding_rules` (replicated, or FSDP-sharded when the mesh has an `fsdp` axis),
+        the in-memory data arrays are placed on the mesh and every batch is split over
+        its batch axes. None: a state already placed on a mesh keeps its placement,
+        otherwise one device.
+      sharding_rules: how parameters and optimizer state are sharded (default
+        `jdl.parallel.ShardingRules()`); used only with `mesh`.
 
     Raises:
       NonFiniteLossError: a train loss or gradient norm was NaN/inf; the message names
         the step and metric. Checkpoints written before it are kept.
+      jdl.parallel.ShardingError: the batch size does not split over the mesh's batch
+        axes, or a sharding rule does not fit (raised before anything compiles).
+      jdl.lock.WorkdirLockedError: another run uses `workdir`.
+      jdl.checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. a full
+        disk); the run stops, earlier checkpoints are intact and a rerun resumes.
     """
     _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
+    state, shardings = parallel.place_for_fit(state, train_data, mesh, sharding_rules)
     started = time.perf_counter()
     checkpointer, resumed_json = None, {}
     if workdir is not None:
@@ -127,7 +162,7 @@ def fit(
     )
     if resumed_json:
         logger.message(f"resumed from the checkpoint at step {start_step}")
-    run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll)
+    run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll, shardings)
     run_eval = make_evaluator(eval_step, eval_batch_size) if eval_step is not None else None
     tracker = _BestTracker(best_metric, best_mode, early_stopping_patience)
     tracker.load(resumed_json.get("best_tracker", {}))
@@ -140,7 +175,8 @@ def fit(
             stop = _next_boundary(
                 step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
             )
-            state, chunk_metrics = run_chunk(state, train_data.arrays, jnp.int32(stop))
+            inputs = train_data.chunk_inputs(stop - step, steps_per_dispatch)
+            state, chunk_metrics = run_chunk(state, inputs, jnp.int32(stop))
             pending.append((chunk_metrics, step, stop - step))
             step = stop
             is_last = step == num_steps
@@ -190,6 +226,7 @@ def fit(
         if checkpointer is not None:
             checkpointer.close()  # waits for async writes: the last good checkpoint is whole
         logger.close()
+        train_data.close()  # stops a stream's prefetch thread
     if workdir is not None and jax.process_index() == 0:
         plot_curves(workdir)
     return FitResult(
@@ -205,9 +242,10 @@ def fit(
 
 def make_chunk_runner(
     train_step: TrainStep,
-    data: InMemoryData | BatchSampler,
+    data: InMemoryData | BatchSampler | StreamingData,
     length: int,
     unroll: int | bool = True,
+    shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
     """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
 
@@ -216,18 +254,25 @@ def make_chunk_runner(
     eval boundary. Returned metrics are stacked per step, shape (length,), zero where
     skipped. The state argument is donated.
 
+    For a `StreamingData` the program is `(state, batches, stop)` instead, with
+    `batches` the tuple of `length` batches from `data.chunk_inputs`; both kinds are
+    called as `run_chunk(state, data.chunk_inputs(count, length), stop)`.
+
     `unroll=True` (the default) writes the steps out as straight-line code. On XLA:CPU a
     convolution inside a loop or conditional body runs one to two orders of magnitude
     slower than at the top level (see BENCHMARKS.md), so the train step is never put
     under `lax.cond`, and a rolled `lax.scan` (`unroll=1`) is only worth it for models
     without convolutions, where it trades nothing at run time for a faster compile.
 
-    The jitted program is cached per (train_step, sampler, length, unroll), so calling
-    `fit` again with the same step function and data set-up does not trace or compile
-    again. The cache holds no arrays and lets go when `train_step` is garbage collected.
+    The jitted program is cached per (train_step, sampler, length, unroll, shardings), so
+    calling `fit` again with the same step function and data set-up does not trace or
+    compile again. The cache holds no arrays and lets go when `train_step` is garbage
+    collected. `shardings` (a `jdl.parallel.ChunkShardings`, from `fit`'s mesh) pins the
+    batches to the mesh's batch axes and the state to its input layout; None: one device.
     """
+    streaming = isinstance(data, StreamingData)
     sampler = data.sampler if isinstance(data, InMemoryData) else data
-    key = (sampler, length, unroll)
+    key = ("streaming" if streaming else sampler, length, unroll, shardings)
     # The cache lives on the step function itself, so it goes when the function goes
     # (a global weak-keyed cache would keep it alive through the program's closure).
     cache = getattr(train_step, _CACHE_ATTRIBUTE, None)
@@ -238,7 +283,10 @@ def make_chunk_runner(
         except (AttributeError, TypeError):  # e.g. a callable object with __slots__
             pass
     if key not in cache:
-        cache[key] = _build_chunk_runner(train_step, sampler, length, unroll)
+        if streaming:
+            cache[key] = _build_streaming_chunk_runner(train_step, length, unroll)
+        else:
+            cache[key] = _build_chunk_runner(train_step, sampler, length, unroll, shardings)
     return cache[key]
 
 
@@ -246,8 +294,18 @@ _CACHE_ATTRIBUTE = "_jdl_chunk_runners"
 
 
 def _build_chunk_runner(
-    train_step: TrainStep, data: BatchSampler, length: int, unroll: int | bool
+    train_step: TrainStep,
+    data: BatchSampler,
+    length: int,
+    unroll: int | bool,
+    shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
+    # On a mesh, constraints pin each step's batch to the batch axes and keep the state
+    # in its input layout, so the output can be donated and fed back without recompiling.
+    keep_state = shardings.constrain_state if shardings else lambda state: state
+    keep_batch = shardings.constrain_batch if shardings else lambda batch: batch
+    keep_scalars = shardings.constrain_scalars if shardings else lambda tree: tree
+
     def run_chunk(state: TrainState, arrays, stop):
         def one_step(carry, _):
             state, order = carry
@@ -257,9 +315,10 @@ def _build_chunk_runner(
                 lambda: data.epoch_permutation(state.step // data.steps_per_epoch),
                 lambda: order,
             )
-            batch = data.batch_at(arrays, order, state.step)
+            batch = keep_batch(data.batch_at(arrays, order, state.step))
             new_state, metrics = train_step(state, batch)
             state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+            state = keep_state(state)
             metrics = jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
             return (state, order), metrics
 
@@ -272,7 +331,39 @@ def _build_chunk_runner(
             metrics = jax.tree.map(lambda *values: jnp.stack(values), *per_step)
         else:
             carry, metrics = jax.lax.scan(one_step, carry, None, length=length, unroll=unroll)
-        return carry[0], metrics
+        return keep_state(carry[0]), keep_scalars(metrics)  # a scan body's constraint ends inside
+
+    return jax.jit(run_chunk, donate_argnums=(0,))
+
+
+def _build_streaming_chunk_runner(
+    train_step: TrainStep, length: int, unroll: int | bool
+) -> Callable:
+    """`(state, batches, stop) -> (state, metrics)` for batches fed from the host.
+
+    `batches` is a tuple of `length` batch dicts (`StreamingData.chunk_inputs`); step i
+    trains on `batches[i]`. Like `_build_chunk_runner`: steps at or past `stop` change
+    nothing, metrics are stacked per step, the state is donated, and one compile serves
+    every chunk. The batches are not donated: a short chunk repeats its last batch.
+    """
+
+    def one_step(state: TrainState, batch, stop):
+        active = state.step < stop
+        new_state, metrics = train_step(state, batch)
+        state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+        return state, jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
+
+    def run_chunk(state: TrainState, batches, stop):
+        if unroll is True or unroll >= length:
+            per_step = []
+            for batch in batches:
+                state, metrics = one_step(state, batch, stop)
+                per_step.append(metrics)
+            return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
+        stacked = jax.tree.map(lambda *values: jnp.stack(values), *batches)
+        return jax.lax.scan(
+            lambda state, batch: one_step(state, batch, stop), state, stacked, unroll=unroll
+        )
 
     return jax.jit(run_chunk, donate_argnums=(0,))
 
@@ -334,7 +425,7 @@ def _maybe_resume(checkpointer: Checkpointer, state: TrainState, data: InMemoryD
     if checkpointer.latest_step() is None:
         return state, {}
     restored = checkpointer.restore(state)
-    data.check_data_state(restored.data_state)
+    data.restore_data_state(restored.data_state)
     return restored.state, restored.data_state
 
 

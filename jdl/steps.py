@@ -26,6 +26,7 @@ from flax import nnx
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
+from jdl import precision as precision_lib
 from jdl.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -40,17 +41,21 @@ def classification_loss(*, label_smoothing: float = 0.0) -> LossFn:
     """The standard classifier loss: softmax cross-entropy plus accuracy.
 
     Reads batch["x"] (model input) and batch["y"] (int32 labels, shape (B,)).
-    The model must return logits of shape (B, num_classes).
+    The model must return logits of shape (B, num_classes). When the batch also holds
+    "targets" (float (B, num_classes) distributions, e.g. from `jdl.data.mixup`), the
+    loss is the soft cross-entropy against them (label smoothing is then not applied)
+    and accuracy is still measured against "y".
     """
 
     def loss_fn(model: nnx.Module, batch: Batch) -> Metrics:
         logits = model(batch["x"])  # (B, C)
-        return {
-            "loss": losses_lib.softmax_xent(
+        if "targets" in batch:
+            loss = losses_lib.soft_xent(logits=logits, targets=batch["targets"])
+        else:
+            loss = losses_lib.softmax_xent(
                 logits=logits, labels=batch["y"], label_smoothing=label_smoothing
-            ),
-            "accuracy": metrics_lib.accuracy(logits=logits, labels=batch["y"]),
-        }
+            )
+        return {"loss": loss, "accuracy": metrics_lib.accuracy(logits=logits, labels=batch["y"])}
 
     return loss_fn
 
@@ -62,6 +67,8 @@ def make_train_step(
     augment_fn: AugmentFn | None = None,
     skip_nonfinite: bool = False,
     norm_metrics: bool = True,
+    precision: str | precision_lib.Precision = "fp32",
+    micro_batches: int = 1,
 ) -> TrainStep:
     """Builds the pure training step.
 
@@ -75,6 +82,20 @@ def make_train_step(
       norm_metrics: report "grad_norm" and "param_norm". They cost two more passes over
         all parameters per step (together ~17% of a small MLP's step on CPU); turn off
         for the last bit of speed. Non-finite gradients are then caught through the loss.
+      precision: "fp32", "bf16" or "auto" (see `jdl.precision`). With "bf16" the forward
+        and backward passes run on bfloat16 copies of the parameters and floating batch
+        entries, made inside the differentiated function, so the gradients, the
+        parameters and the optimizer state stay float32; metrics are float32.
+      micro_batches: M > 1 splits each batch into M equal micro-batches (the batch size
+        must be a multiple of M) and runs them one after another in a `lax.scan`,
+        averaging their gradients and metrics: the same update as the full batch (up to
+        float rounding) with the activation memory of one micro-batch. Caveats: batch
+        norm normalises each micro-batch with its own statistics and updates its running
+        averages M times per step; dropout draws independent masks per micro-batch. On
+        XLA:CPU a convolution inside the scan runs much slower than at the top level (see
+        `jdl.loop.make_chunk_runner`). This accumulates within one step; to accumulate
+        over several steps (one optimizer update every k batches) wrap the optimizer in
+        `optax.MultiSteps` via `jdl.make_optimizer(..., accumulate_steps=k)` instead.
 
     Returns:
       `train_step(state, batch) -> (state, metrics)`, pure; metrics are scalars:
@@ -84,22 +105,62 @@ def make_train_step(
       Not jitted here: the caller jits (or scans) it once, with donation.
     """
 
+    policy = precision_lib.get_policy(precision)
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+
+    def batch_gradients(state, model_state, batch, key):
+        """(metrics, new model_state, grads) of one (micro-)batch; grads in the params' dtype."""
+
+        def compute_loss(params):
+            # The casts are inside the differentiated function: gradients come back fp32.
+            model = state.replace(model_state=model_state).model(policy.cast_to_compute(params))
+            model.train()
+            reseed_all_streams(model, key)
+            per_example = loss_fn(model, policy.cast_to_compute(batch))
+            _check_loss_output(per_example)
+            means = {
+                name: jnp.mean(jnp.asarray(value, jnp.float32))
+                for name, value in per_example.items()
+            }
+            _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+            return means["loss"], (means, precision_lib.cast_like(new_model_state, model_state))
+
+        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+        (_, (metrics, new_model_state)), grads = grad_fn(state.params)
+        return metrics, new_model_state, grads
+
+    def accumulated_gradients(state, batch):
+        key = state.step_key("model")
+        if micro_batches == 1:
+            return batch_gradients(state, state.model_state, batch, key)
+        micro = _split_batch(batch, micro_batches)  # leaves (M, B / M, ...)
+
+        def one_micro_batch(carry, inputs):
+            metric_sums, grad_sums, model_state = carry
+            index, micro_batch = inputs
+            metrics, model_state, grads = batch_gradients(
+                state, model_state, micro_batch, jax.random.fold_in(key, index)
+            )
+            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+            grad_sums = jax.tree.map(jnp.add, grad_sums, grads)
+            return (metric_sums, grad_sums, model_state), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(batch_gradients, state, state.model_state, first, key)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
+        (metric_sums, grad_sums, model_state), _ = jax.lax.scan(
+            one_micro_batch,
+            (*zeros, state.model_state),
+            (jnp.arange(micro_batches), micro),
+        )
+        metrics, grads = jax.tree.map(lambda total: total / micro_batches, (metric_sums, grad_sums))
+        return metrics, model_state, grads
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if augment_fn is not None:
             batch = augment_fn(state.step_key("augment"), batch)
-
-        def compute_loss(params):
-            model = state.model(params)
-            model.train()
-            reseed_all_streams(model, state.step_key("model"))
-            per_example = loss_fn(model, batch)
-            _check_loss_output(per_example)
-            means = {name: jnp.mean(value) for name, value in per_example.items()}
-            _, _, model_state = nnx.split(model, nnx.Param, ...)
-            return means["loss"], (means, model_state)
-
-        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-        (_, (metrics, model_state)), grads = grad_fn(state.params)
+        metrics, model_state, grads = accumulated_gradients(state, batch)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if norm_metrics:
@@ -123,18 +184,25 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], Metrics]:
+def make_eval_step(
+    loss_fn: LossFn, *, precision: str | precision_lib.Precision = "fp32"
+) -> Callable[[TrainState, Batch], Metrics]:
     """Builds the pure eval step: `(state, batch) -> per-example metrics` in eval mode.
 
     Returns per-example values (shape (B,)) so that the caller can mask padding
-    and average exactly over a whole eval set; see `jdl.loop.evaluate`.
+    and average exactly over a whole eval set; see `jdl.loop.evaluate`. With
+    `precision="bf16"` the model runs on bfloat16 parameters and inputs (as in
+    `make_train_step`); the returned values are float32.
     """
+    policy = precision_lib.get_policy(precision)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        model = state.model()
+        model = state.model(policy.cast_to_compute(state.params))
         model.eval()
-        per_example = loss_fn(model, batch)
+        per_example = loss_fn(model, policy.cast_to_compute(batch))
         _check_loss_output(per_example)
+        if policy.is_mixed:
+            per_example = {name: jnp.asarray(v, jnp.float32) for name, v in per_example.items()}
         return dict(per_example)
 
     return eval_step
@@ -147,6 +215,20 @@ def reseed_all_streams(model: nnx.Module, key: jax.Array) -> None:
     )
     if tags:
         nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
+
+
+def _split_batch(batch: Batch, parts: int) -> Batch:
+    """Reshapes every leaf (B, ...) to (parts, B / parts, ...)."""
+
+    def split(x):
+        if x.shape[0] % parts:
+            raise ValueError(
+                f"batch size {x.shape[0]} is not a multiple of micro_batches={parts}; "
+                "pick a batch size divisible by it"
+            )
+        return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
 
 
 def _check_loss_output(per_example: Mapping[str, jax.Array]) -> None:

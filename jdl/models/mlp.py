@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -10,7 +11,8 @@ from flax import nnx
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
+    "gelu": jax.nn.gelu,  # the tanh approximation (GPT-2's "gelu_new")
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),  # erf form (BERT, ViT)
     "sigmoid": jax.nn.sigmoid,
     "tanh": jnp.tanh,
     "silu": jax.nn.silu,

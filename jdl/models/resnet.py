@@ -189,7 +189,9 @@ class Bottleneck(_Block):
       in_channels: channels of the input.
       channels: width of the inner convs; the output has `4 * channels`.
       stride: stride of the 3x3 conv.
-      shortcut, zero_init_residual, rngs: as in `BasicBlock`.
+      shortcut: as in `BasicBlock`.
+      zero_init_residual: as in `BasicBlock`.
+      rngs: as in `BasicBlock`.
 
     Call: `(B, H, W, in_channels) -> (B, H / stride, W / stride, 4 * channels)`.
     """
@@ -267,6 +269,9 @@ class ResNet(nnx.Module):
       num_classes: outputs of the head.
       width: channels of the stem and the first stage; None means 64 for the ImageNet stem
         and 16 for the CIFAR stem.
+      stage_widths: the block width of each stage (before the block's expansion); None
+        means `width * 2**i` for stage `i`. Lets checkpoints with other widths load
+        (e.g. Hugging Face's `hidden_sizes`).
       stem: "imagenet" (7x7/2 conv + BN + ReLU + 3x3/2 max pool, 4x downsampling) or
         "cifar" (3x3 conv + BN + ReLU, no downsampling).
       in_channels: channels of the input image.
@@ -287,6 +292,7 @@ class ResNet(nnx.Module):
         num_classes: int,
         *,
         width: int | None = None,
+        stage_widths: Sequence[int] | None = None,
         stem: str = "imagenet",
         in_channels: int = 3,
         shortcut: str | None = None,
@@ -308,13 +314,20 @@ class ResNet(nnx.Module):
         stem_kernel, stem_stride = (7, 2) if imagenet else (3, 1)
         self.stem_conv = conv(in_channels, width, stem_kernel, stem_stride, rngs=rngs)
         self.stem_bn = batch_norm(width, rngs=rngs)
+        if stage_widths is None:
+            stage_widths = [width * 2**i for i in range(len(stage_sizes))]
+        if len(stage_widths) != len(stage_sizes):
+            raise ValueError(
+                f"stage_widths {tuple(stage_widths)} must have one entry per stage of "
+                f"stage_sizes {tuple(stage_sizes)}"
+            )
         stages, channels = [], width
         for i, num_blocks in enumerate(stage_sizes):
             stride = 1 if i == 0 else 2
             stage = make_stage(
                 block,
                 channels,
-                width * 2**i,
+                stage_widths[i],
                 num_blocks,
                 stride,
                 shortcut=shortcut,
@@ -322,7 +335,7 @@ class ResNet(nnx.Module):
                 rngs=rngs,
             )
             stages.append(stage)
-            channels = width * 2**i * block.expansion
+            channels = stage_widths[i] * block.expansion
         self.stages = nnx.List(stages)
         bound = 1.0 / math.sqrt(channels)
         self.head = nnx.Linear(

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdl.models.transformer import sample_logits
+
 # (h, c) for an LSTM, h for a GRU; stacked over cells for a whole network.
 Carry = Any
 CELL_TYPES = ("lstm", "gru")
@@ -288,7 +290,10 @@ class SequenceClassifier(nnx.Module):
     Args:
       cell_type: "lstm" or "gru".
       input_size: F, features per time step (1 for a univariate series).
-      hidden_size, num_layers, bidirectional, dropout: as in `RNN`.
+      hidden_size: as in `RNN`.
+      num_layers: as in `RNN`.
+      bidirectional: as in `RNN`.
+      dropout: as in `RNN`.
       num_classes: outputs of the head.
       rngs: NNX random streams.
 
@@ -387,20 +392,22 @@ class CharLM(nnx.Module):
         key: jax.Array,
         prompt_ids: jax.Array,
         num_tokens: int,
-        temperature: float = 1.0,
+        temperature: float | jax.Array = 1.0,
+        top_k: int | None = None,
     ) -> jax.Array:
         """Samples `num_tokens` tokens after `prompt_ids`, carrying the recurrent state.
 
         The prompt is read in one pass; then each sampled token is fed back through a
         `jax.lax.scan`, so the whole call traces once and can be jitted (with
-        `num_tokens` and `temperature` static). Dropout is off. The same key gives the
-        same tokens.
+        `num_tokens` and `top_k` static; `temperature` may be traced). Dropout is off.
+        The same key gives the same tokens.
 
         Args:
           key: PRNG key for sampling.
           prompt_ids: `(B, P)` or `(P,)` int token ids, P >= 1.
           num_tokens: how many tokens to sample.
           temperature: logits are divided by it; 0 picks the most likely token.
+          top_k: sample only among the k most likely tokens (None: all).
 
         Returns:
           int32 `(B, num_tokens)` (or `(num_tokens,)` for a 1-D prompt): the sampled
@@ -413,11 +420,7 @@ class CharLM(nnx.Module):
             carry: tuple[jax.Array, Carry], step_key: jax.Array
         ) -> tuple[tuple[jax.Array, Carry], jax.Array]:
             next_logits, state = carry  # (B, V)
-            if temperature == 0:
-                token = jnp.argmax(next_logits, axis=-1)
-            else:
-                token = jax.random.categorical(step_key, next_logits / temperature, axis=-1)
-            token = token.astype(jnp.int32)  # (B,)
+            token = sample_logits(step_key, next_logits, temperature=temperature, top_k=top_k)
             # The last iteration's forward pass is unused; one step is cheaper than a
             # second code path outside the scan.
             logits, state = self.run(token[:, None], state, deterministic=True)

@@ -234,17 +234,20 @@ class TransformerBlock(nnx.Module):
     """Pre-LayerNorm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))`.
 
     Args:
-      embed_dim, num_heads: C and H.
+      embed_dim: C, the model width.
+      num_heads: H, the number of attention heads.
       causal: causal (decoder) or bidirectional (encoder) attention.
       mlp_ratio: hidden width of the MLP as a multiple of C (4 in GPT-2 and ViT).
       dropout: rate on the attention output and the MLP output (0 disables).
       activation: of the MLP; "gelu" is the tanh approximation, as in GPT-2.
-      rotary, rope_base: rotary position embeddings in the attention.
+      rotary: rotary position embeddings in the attention.
+      rope_base: the rotary base frequency.
       use_bias: biases in the attention projections.
       kernel_init: initializer of the q/k/v and first MLP kernels (flax's default if None).
       residual_init: initializer of the two kernels that write into the residual stream
         (attention output and second MLP layer); `kernel_init` if None.
       implementation: see `MultiHeadAttention`.
+      layer_norm_eps: epsilon of both LayerNorms (1e-5 as in PyTorch and GPT-2; ViT uses 1e-12).
       rngs: NNX random streams.
 
     Call: `(B, T, C)` float, optional key mask `(B, T)` bool -> `(B, T, C)`.
@@ -265,9 +268,10 @@ class TransformerBlock(nnx.Module):
         kernel_init: Initializer | None = None,
         residual_init: Initializer | None = None,
         implementation: str | None = None,
+        layer_norm_eps: float = LAYER_NORM_EPS,
         rngs: nnx.Rngs,
     ):
-        self.ln1 = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.attn = MultiHeadAttention(
             embed_dim,
             num_heads,
@@ -281,7 +285,7 @@ class TransformerBlock(nnx.Module):
             implementation=implementation,
             rngs=rngs,
         )
-        self.ln2 = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.mlp = FeedForward(
             embed_dim,
             mlp_ratio * embed_dim,
@@ -305,6 +309,19 @@ class TransformerBlock(nnx.Module):
         return x + self.mlp(self.ln2(x)), cache
 
 
+@nnx.remat
+def checkpointed_block(
+    block: TransformerBlock, x: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """`block(x, mask=mask)`, with the block's activations recomputed in the backward pass.
+
+    Only the block's input is kept for the backward pass (instead of every attention
+    and MLP activation), at the cost of running the block's forward pass twice. The
+    outputs and gradients are the same as without it.
+    """
+    return block(x, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +339,17 @@ class GPT(nnx.Module):
     Args:
       vocab_size: V.
       max_len: the context length: the longest sequence the model (and `generate`) takes.
-      embed_dim, num_heads, num_layers: C, H and the number of blocks.
+      embed_dim: C, the model width.
+      num_heads: H, the number of attention heads.
+      num_layers: the number of blocks.
       positions: "learned" (a table of `max_len` embeddings, as in GPT-2) or "rotary".
       tie_embeddings: share the token embedding with the output head.
       dropout: rate on the embeddings and inside every block (0 disables).
       mlp_ratio: MLP hidden width as a multiple of C.
+      activation: of the MLPs; "gelu" is the tanh approximation, GPT-2's "gelu_new".
+      layer_norm_eps: epsilon of every LayerNorm (GPT-2's `layer_norm_epsilon`).
+      remat: recompute each block's activations in the backward pass
+        (`checkpointed_block`): less memory for training, about one more forward pass.
       rngs: NNX random streams; `params` for init, `dropout` if dropout > 0.
 
     Call: `(B, T)` int tokens, T <= max_len -> `(B, T, V)` float32 logits.
@@ -344,10 +367,14 @@ class GPT(nnx.Module):
         tie_embeddings: bool = True,
         dropout: float = 0.0,
         mlp_ratio: int = 4,
+        activation: str = "gelu",
+        layer_norm_eps: float = LAYER_NORM_EPS,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         _check_choice("positions", positions, POSITIONS)
         self.vocab_size, self.max_len, self.positions = vocab_size, max_len, positions
+        self.remat = remat
         init = nnx.initializers.normal(0.02)
         residual_init = nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
         self.token_embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
@@ -365,15 +392,17 @@ class GPT(nnx.Module):
                     causal=True,
                     mlp_ratio=mlp_ratio,
                     dropout=dropout,
+                    activation=activation,
                     rotary=positions == "rotary",
                     kernel_init=init,
                     residual_init=residual_init,
+                    layer_norm_eps=layer_norm_eps,
                     rngs=rngs,
                 )
                 for _ in range(num_layers)
             ]
         )
-        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = (
             None
             if tie_embeddings
@@ -385,7 +414,7 @@ class GPT(nnx.Module):
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}")
         x = self._embed(tokens, jnp.arange(tokens.shape[1]))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed_block(block, x) if self.remat else block(x)
         return self._logits(x)  # (B, T, V)
 
     def init_cache(
@@ -603,14 +632,18 @@ class EncoderClassifier(nnx.Module):
     """A bidirectional (BERT-style) transformer encoder that classifies token sequences.
 
     Args:
-      vocab_size, max_len: V and the longest input sequence.
-      embed_dim, num_heads, num_layers: C, H and the number of blocks.
+      vocab_size: V, the number of tokens.
+      max_len: the longest input sequence.
+      embed_dim: C, the model width.
+      num_heads: H, the number of attention heads.
+      num_layers: the number of blocks.
       num_classes: outputs of the head.
       pooling: "mean" (average of the non-padding token outputs) or "cls" (the output of
         a learned class token prepended to the sequence).
       positions: "learned" or "rotary".
       dropout: rate on the embeddings and inside every block (0 disables).
       mlp_ratio: MLP hidden width as a multiple of C.
+      remat: recompute each block's activations in the backward pass (see `GPT`).
       rngs: NNX random streams.
 
     Call: `(B, T)` int tokens, optional mask `(B, T)` bool (False = padding) ->
@@ -631,11 +664,12 @@ class EncoderClassifier(nnx.Module):
         positions: str = "learned",
         dropout: float = 0.0,
         mlp_ratio: int = 4,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("positions", positions, POSITIONS)
-        self.max_len, self.pooling = max_len, pooling
+        self.max_len, self.pooling, self.remat = max_len, pooling, remat
         init = nnx.initializers.normal(0.02)
         self.token_embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim))) if pooling == "cls" else None
@@ -678,7 +712,7 @@ class EncoderClassifier(nnx.Module):
             x = x + self.position_embed(jnp.arange(x.shape[1]))
         x = _apply_dropout(self.dropout, x)
         for block in self.blocks:
-            x = block(x, mask=mask)
+            x = checkpointed_block(block, x, mask) if self.remat else block(x, mask=mask)
         x = self.ln_f(x)
         if self.pooling == "cls":
             pooled = x[:, 0]  # (B, C)

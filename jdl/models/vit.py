@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdl.models.transformer import LAYER_NORM_EPS, TransformerBlock
+from jdl.models.transformer import LAYER_NORM_EPS, TransformerBlock, checkpointed_block
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -41,9 +41,16 @@ class ViT(nnx.Module):
       patch_size: side of the square patches; must divide `image_size`.
       in_channels: channels of the input (1 for MNIST, 3 for RGB).
       num_classes: outputs of the head.
-      embed_dim, num_heads, num_layers: width, heads and depth of the encoder.
+      embed_dim: width of the encoder.
+      num_heads: attention heads per block.
+      num_layers: depth of the encoder.
       mlp_ratio: MLP hidden width as a multiple of `embed_dim`.
       dropout: rate on the embeddings and inside every block (0 disables).
+      activation: of the MLPs; "gelu" is the tanh approximation, "gelu_exact" the erf form
+        of the original ViT.
+      layer_norm_eps: epsilon of every LayerNorm (the original ViT uses 1e-12).
+      remat: recompute each block's activations in the backward pass (less memory for
+        training, about one more forward pass; see `transformer.checkpointed_block`).
       rngs: NNX random streams; `params` for init, `dropout` if dropout > 0.
 
     Call: `(B, image_size, image_size, in_channels)` float -> `(B, num_classes)` logits.
@@ -61,11 +68,14 @@ class ViT(nnx.Module):
         *,
         mlp_ratio: int = 4,
         dropout: float = 0.0,
+        activation: str = "gelu",
+        layer_norm_eps: float = LAYER_NORM_EPS,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
-        self.image_size, self.patch_size = image_size, patch_size
+        self.image_size, self.patch_size, self.remat = image_size, patch_size, remat
         num_patches = (image_size // patch_size) ** 2
         # Weights and position embeddings normal(0, 0.02), as in BERT and DeiT (whose
         # truncated normal differs only beyond 2 std); biases and the class token start at 0.
@@ -84,13 +94,15 @@ class ViT(nnx.Module):
                     causal=False,
                     mlp_ratio=mlp_ratio,
                     dropout=dropout,
+                    activation=activation,
                     kernel_init=init,
+                    layer_norm_eps=layer_norm_eps,
                     rngs=rngs,
                 )
                 for _ in range(num_layers)
             ]
         )
-        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
+        self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -100,7 +112,7 @@ class ViT(nnx.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed_block(block, x) if self.remat else block(x)
         return self.head(self.ln_f(x[:, 0]))  # (B, num_classes)
 
 
