@@ -175,3 +175,60 @@ def test_augmentations_jit_compile_inside_a_step_and_match_eager():
 def test_invalid_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call(jnp.zeros((2, 4, 4, 1)))
+
+
+def test_cutout_zeroes_one_clipped_square_per_image():
+    from jdl.data import cutout
+
+    images = jnp.ones((64, 10, 12, 2))
+    out = np.asarray(cutout(jax.random.key(3), images, size=4))
+    assert out.shape == images.shape
+    for image in out:
+        zero = image[..., 0] == 0
+        assert np.array_equal(zero, image[..., 1] == 0)  # all channels of the hole
+        rows, cols = np.nonzero(zero)
+        assert 1 <= zero.sum() <= 16
+        # One axis-aligned rectangle, at most 4 x 4 (smaller where a border clips it).
+        assert zero[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+        assert rows.max() - rows.min() < 4 and cols.max() - cols.min() < 4
+    sizes = [(img[..., 0] == 0).sum() for img in out]
+    assert max(sizes) == 16 and min(sizes) < 16  # whole squares inside, clipped at borders
+    np.testing.assert_array_equal(cutout(jax.random.key(3), images, size=0), images)
+
+
+def test_mixup_mixes_inputs_and_targets_with_the_same_weight():
+    from jdl.data import mixup
+
+    images = jnp.arange(8, dtype=jnp.float32)[:, None, None, None] * jnp.ones((8, 2, 2, 1))
+    labels = jnp.arange(8) % 4
+    mixed, targets = mixup(jax.random.key(0), images, labels, num_classes=4, alpha=0.4)
+    np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-6)
+    # Each mixed image is lam * x_i + (1 - lam) * x_j: with x_i = i everywhere, its
+    # value v and the targets must tell the same story.
+    values = np.asarray(mixed)[:, 0, 0, 0]
+    lam_from_targets = []
+    for i, v in enumerate(values):
+        t = np.asarray(targets[i])
+        own = t[int(labels[i])]
+        lam_from_targets.append(own)
+        partner_values = [j for j in range(8) if abs(own * i + (1 - own) * j - v) < 1e-4]
+        if own < 1 - 1e-6:  # the partner has the other label share
+            assert partner_values, (i, v, own)
+    assert any(0.01 < lam < 0.99 for lam in lam_from_targets)
+
+
+def test_classification_loss_uses_soft_targets_when_given():
+    import jdl
+
+    class Fixed:
+        def __call__(self, x):
+            return x
+
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    targets = jnp.array([[0.7, 0.3], [0.5, 0.5]])
+    out = jdl.classification_loss()(
+        Fixed(), {"x": logits, "y": jnp.array([0, 0]), "targets": targets}
+    )
+    log_p = jax.nn.log_softmax(logits)
+    np.testing.assert_allclose(out["loss"], -(targets * log_p).sum(-1), rtol=1e-6)
+    np.testing.assert_array_equal(out["accuracy"], [1.0, 0.0])

@@ -475,7 +475,7 @@ def test_load_digits():
 
 
 def test_datasets_registry():
-    assert set(data.DATASETS) == {"mnist", "fashion_mnist", "iris", "digits"}
+    assert set(data.DATASETS) == {"mnist", "fashion_mnist", "iris", "digits", "cifar10", "mnist1d"}
     assert data.DATASETS["iris"]().name == "iris"
     with pytest.raises(data.DatasetUnavailableError, match="fashion_mnist files missing"):
         data.DATASETS["fashion_mnist"](download=False)

