@@ -8,6 +8,7 @@ line, check the config before anything compiles, record the run, train with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from flax import nnx
 import jdl
 from jdl.config import ConfigError
 from jdl.data import Dataset
+from jdl.steps import AugmentFn
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +50,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.skip_nonfinite = False
     c.progress = True
     c.compilation_cache = True
+    c.precision = "fp32"  # "bf16": bf16 compute, fp32 weights; "auto": bf16 except on CPU
+    c.micro_batches = 1  # >1 splits each batch, accumulating gradients (less memory)
+    # Devices (jdl.parallel): "" trains on one device; "data:8", "data:-1,fsdp:2", ...
+    c.mesh_shape = ""
+    c.fsdp_min_size = 4096  # with an fsdp axis: arrays with fewer entries stay replicated
+    c.sharding_rules = ""  # "regex=axis,None;..." on parameter paths, overrides FSDP
+    c.coordinator_address = ""  # several processes: "host:port" (or JAX_COORDINATOR_ADDRESS)
+    c.num_processes = 0  # 0: from JAX_NUM_PROCESSES, else one process
+    c.process_id = -1  # -1: from JAX_PROCESS_ID
     return c
 
 
@@ -69,10 +80,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("early_stopping_patience", config.early_stopping_patience >= 0, "must be >= 0"),
         ("steps_per_dispatch", config.steps_per_dispatch >= 1, "must be >= 1"),
         ("unroll", config.unroll >= 0, "must be >= 0 (0: fully unrolled)"),
+        ("precision", config.precision in jdl.precision.PRECISIONS, "must be fp32, bf16 or auto"),
+        (
+            "micro_batches",
+            config.micro_batches >= 1 and config.batch_size % config.micro_batches == 0,
+            "must be >= 1 and divide config.batch_size",
+        ),
+        ("fsdp_min_size", config.fsdp_min_size >= 1, "must be >= 1"),
+        ("num_processes", config.num_processes >= 0, "must be >= 0 (0: from the environment)"),
     ]
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    try:
+        jdl.parallel.ShardingRules.parse(config.sharding_rules)
+    except jdl.parallel.ShardingError as error:
+        raise ConfigError(f"config.sharding_rules: {error}") from None
     if config.early_stopping_patience and not (config.eval_every and config.validation_fraction):
         raise ConfigError(
             "config.early_stopping_patience needs config.eval_every > 0 and "
@@ -87,17 +110,52 @@ def run_classifier(
     load_data: Callable[[ml_collections.ConfigDict], Dataset],
     build_model: Callable[[ml_collections.ConfigDict, Dataset, nnx.Rngs], nnx.Module],
     default_workdir: str,
+    make_augment: Callable[[ml_collections.ConfigDict], AugmentFn | None] | None = None,
+    check_extra: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> dict:
     """Runs one classification experiment from the command line; returns the final metrics.
 
-    Prints `FINAL {json}` as the last line of output.
+    `check_extra(config)` checks the experiment's own config fields after
+    `check_config`, before any data is loaded, raising `ConfigError`.
+    `make_augment(config)` builds the training augmentation (an `augment_fn` for
+    `jdl.make_train_step`, or None); by default it is the random translation of
+    `config.augment_max_shift` pixels. Prints `FINAL {json}` as the last line of output.
     """
     try:
         config, workdir = jdl.parse_command_line(argv, get_config)
         check_config(config)
+        if check_extra is not None:
+            check_extra(config)
+        mesh, sharding_rules = setup_devices(config)
     except ConfigError as error:
         sys.exit(f"error: {error}")
     workdir = workdir or default_workdir
+    with _workdir_lock(workdir):  # before the run record: a refused run must not touch it
+        return _train_classifier(
+            argv, config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
+        )
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """Holds the run directory's lock on process 0 (`fit` re-enters it); exits if it is busy."""
+    if jax.process_index() != 0:
+        yield
+        return
+    lock = jdl.WorkdirLock(workdir)
+    try:
+        lock.acquire()
+    except jdl.WorkdirLockedError as error:
+        sys.exit(f"error: {error}")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_classifier(
+    argv, config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
+) -> dict:
     started = time.perf_counter()
     if config.compilation_cache:
         jdl.enable_compilation_cache()
@@ -110,6 +168,9 @@ def run_classifier(
         train_split, eval_split = jdl.data.stratified_split(
             train_split, fraction=config.validation_fraction, seed=config.seed
         )
+    if jax.process_count() > 1:  # each process keeps only its rows (jdl.parallel)
+        rows = jdl.parallel.process_rows(len(train_split["y"]), mesh)
+        train_split = jdl.parallel.global_arrays({k: v[rows] for k, v in train_split.items()}, mesh)
     train_data = jdl.InMemoryData(train_split, batch_size=config.batch_size, seed=config.seed)
     try:
         num_steps = jdl.parse_duration(
@@ -121,18 +182,13 @@ def run_classifier(
         sys.exit(f"error: config.duration: {error}")
 
     model = build_model(config, dataset, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-    tx, schedule = jdl.make_optimizer(
-        config.optimizer,
-        learning_rate=config.learning_rate,
-        total_steps=num_steps,
-        schedule=config.schedule,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm or None,
-    )
+    tx, schedule = make_config_optimizer(config, num_steps)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
     loss_fn = jdl.classification_loss(label_smoothing=config.label_smoothing)
-    augment = translate_augmentation(config.augment_max_shift)
+    if make_augment is None:
+        augment = translate_augmentation(config.augment_max_shift)
+    else:
+        augment = make_augment(config)
     print(
         f"{dataset.name}: train {train_data.num_examples}, eval {len(eval_split['y'])}, "
         f"test {dataset.num_examples('test')} examples; {num_steps} steps of batch "
@@ -147,10 +203,12 @@ def run_classifier(
             lr_schedule=schedule,
             augment_fn=augment,
             skip_nonfinite=config.skip_nonfinite,
+            precision=config.precision,
+            micro_batches=config.micro_batches,
         ),
         train_data=train_data,
         num_steps=num_steps,
-        eval_step=jdl.make_eval_step(loss_fn),
+        eval_step=jdl.make_eval_step(loss_fn, precision=config.precision),
         eval_data=eval_split,
         eval_every=config.eval_every,
         log_every=config.log_every,
@@ -162,6 +220,8 @@ def run_classifier(
         steps_per_dispatch=config.steps_per_dispatch,
         unroll=config.unroll or True,
         progress=config.progress,
+        mesh=mesh,
+        sharding_rules=sharding_rules,
     )
     test = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)(result.state, dataset["test"])
     final = {
@@ -171,11 +231,32 @@ def run_classifier(
         "steps": result.step,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final.json"), "w") as f:
-            json.dump(final, f)
-    print("FINAL " + json.dumps(final), flush=True)
-    return final
+    return report_final(final, workdir)
+
+
+def setup_devices(config: ml_collections.ConfigDict):
+    """Starts multi-process JAX if configured, then builds the mesh and sharding rules.
+
+    Returns (mesh or None for one device, `jdl.parallel.ShardingRules`). Must run before
+    anything touches a device. Raises `ConfigError` for a mesh that does not fit the
+    devices or a batch size that does not split over it.
+    """
+    try:
+        jdl.parallel.initialize_distributed(
+            config.coordinator_address or None,
+            config.num_processes or None,
+            None if config.process_id < 0 else config.process_id,
+        )
+        rules = jdl.parallel.ShardingRules.parse(
+            config.sharding_rules, min_size=config.fsdp_min_size
+        )
+        if not config.mesh_shape:
+            return None, rules
+        mesh = jdl.parallel.make_mesh(config.mesh_shape)
+        jdl.parallel.check_batch_size(config.batch_size, mesh, what="config.batch_size")
+    except jdl.parallel.ShardingError as error:
+        raise ConfigError(f"config.mesh_shape={config.mesh_shape!r}: {error}") from None
+    return mesh, rules
 
 
 def translate_augmentation(max_shift: int):
@@ -192,3 +273,99 @@ def translate_augmentation(max_shift: int):
 def default_workdir(name: str) -> str:
     """workdirs/<name> under the current directory."""
     return os.path.join("workdirs", name)
+
+
+def fit_and_test(
+    config: ml_collections.ConfigDict,
+    dataset: Dataset,
+    model: nnx.Module,
+    *,
+    workdir: str | None,
+    duration: str | int | None = None,
+    loss_fn: jdl.steps.LossFn | None = None,
+    wrap_optimizer: Callable | None = None,
+) -> tuple[jdl.FitResult, dict[str, float]]:
+    """Trains `model` on dataset["train"] with a `base_config` config's optimizer and loop
+    settings, then measures loss and accuracy on dataset["test"].
+
+    For experiments that train several models in one run (a teacher and a student, one
+    model per sparsity, ...) and so cannot use `run_classifier`.
+
+    Args:
+      config: a checked `base_config`-style config (seed, batch size, optimizer, ...).
+      dataset: with "train" and "test" splits.
+      model: the initialised model to train.
+      workdir: run directory of this model (resumes from its checkpoint), or None.
+      duration: overrides `config.duration`.
+      loss_fn: training loss (default: `jdl.classification_loss` with the config's label
+        smoothing); the test split is always scored with the plain classification loss.
+      wrap_optimizer: `(tx, num_steps) -> tx`, e.g. to add pruning around the optimizer.
+
+    Returns:
+      (the `FitResult`, {"loss", "accuracy"} on the test split).
+
+    Raises:
+      ConfigError: the duration cannot be parsed.
+    """
+    train_data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)
+    num_steps = jdl.parse_duration(
+        config.duration if duration is None else duration,
+        steps_per_epoch=train_data.steps_per_epoch,
+        batch_size=config.batch_size,
+    )
+    tx, schedule = make_config_optimizer(config, num_steps)
+    if wrap_optimizer is not None:
+        tx = wrap_optimizer(tx, num_steps)
+    state = jdl.TrainState.create(model, tx, seed=config.seed)
+    scoring = jdl.make_eval_step(jdl.classification_loss())
+    result = jdl.fit(
+        state,
+        train_step=jdl.make_train_step(
+            loss_fn or jdl.classification_loss(label_smoothing=config.label_smoothing),
+            lr_schedule=schedule,
+            augment_fn=translate_augmentation(config.augment_max_shift),
+            skip_nonfinite=config.skip_nonfinite,
+            precision=config.precision,
+            micro_batches=config.micro_batches,
+        ),
+        train_data=train_data,
+        num_steps=num_steps,
+        eval_step=scoring,
+        eval_data=dataset["test"],
+        eval_every=config.eval_every,
+        log_every=config.log_every,
+        workdir=workdir,
+        checkpoint_every=config.checkpoint_every,
+        max_to_keep=config.max_to_keep,
+        steps_per_dispatch=config.steps_per_dispatch,
+        unroll=config.unroll or True,
+        progress=config.progress,
+    )
+    test = jdl.make_evaluator(scoring, 1000)(result.state, dataset["test"])
+    return result, test
+
+
+def report_final(final: dict, workdir: str) -> dict:
+    """Writes `final.json` to the workdir (process 0) and prints `FINAL {json}`, the last line.
+
+    Returns `final`.
+    """
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "final.json"), "w") as f:
+            json.dump(final, f)
+    print("FINAL " + json.dumps(final), flush=True)
+    return final
+
+
+def make_config_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+    """`jdl.make_optimizer` from a `base_config`-style config: returns (tx, schedule)."""
+    return jdl.make_optimizer(
+        config.optimizer,
+        learning_rate=config.learning_rate,
+        total_steps=num_steps,
+        schedule=config.schedule,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm or None,
+    )

@@ -75,3 +75,29 @@ def test_impossible_values_are_rejected(override, message, tmp_path):
     module = importlib.import_module("experiments.iris_mlp")
     with pytest.raises(SystemExit, match=message):
         module.main([override, "--workdir", str(tmp_path)])
+
+
+def test_overfitting_demo_smoke_run(tmp_path, capsys):
+    from experiments import overfitting_demo
+
+    assert "python -m experiments.overfitting_demo" in overfitting_demo.__doc__
+    argv = [
+        "--config.steps=20",
+        "--config.eval_every=5",
+        "--config.patience=1",
+        "--config.hidden_sizes=(32,)",
+        "--config.download=false",
+        "--config.progress=false",
+        "--workdir",
+        str(tmp_path / "demo"),
+    ]
+    final = overfitting_demo.main(argv)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line[len("FINAL ") :]) == final
+    for run in ("plain", "regularised"):
+        assert 0.0 <= final[run]["test_accuracy"] <= 1.0
+        assert final[run]["gap"] == pytest.approx(
+            final[run]["train_accuracy"] - final[run]["test_accuracy"], abs=1e-3
+        )
+    assert final["plain"]["steps"] == 20 and final["regularised"]["steps"] <= 20
+    assert os.path.exists(tmp_path / "demo" / "curves.png")
