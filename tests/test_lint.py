@@ -15,7 +15,7 @@ def test_ruff_check_passes():
     if not os.path.exists(ruff):
         pytest.fail("ruff is not installed; install the test extra: pip install -e '.[test]'")
     result = subprocess.run(
-        [ruff, "check", "jdl", "experiments", "benchmarks", "tests"],
+        [ruff, "check", "jdl", "experiments", "benchmarks", "tests", "notebooks"],
         cwd=ROOT,
         capture_output=True,
         text=True,
