@@ -345,6 +345,36 @@ def fit_and_test(
     return result, test
 
 
+def start_run(
+    argv: Sequence[str],
+    get_config: Callable[..., ml_collections.ConfigDict],
+    name: str,
+    *checks: Callable[[ml_collections.ConfigDict], None],
+) -> tuple[ml_collections.ConfigDict, str]:
+    """The start every experiment shares: config, checks, workdir, cache, run record.
+
+    Reads the command line, runs each `check(config)` (one `error: ...` line and exit on a
+    `ConfigError`, before anything compiles), resolves the workdir (`workdirs/NAME` by
+    default), turns on the compilation cache when `config.compilation_cache` says so, and
+    writes the run record (process 0).
+
+    Returns:
+      (config, workdir).
+    """
+    try:
+        config, workdir = jdl.parse_command_line(argv, get_config)
+        for check in checks:
+            check(config)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    workdir = workdir or default_workdir(name)
+    if config.compilation_cache:
+        jdl.enable_compilation_cache()
+    if jax.process_index() == 0:
+        jdl.write_run_record(workdir, config, argv)
+    return config, workdir
+
+
 def report_final(final: dict, workdir: str) -> dict:
     """Writes `final.json` to the workdir (process 0) and prints `FINAL {json}`, the last line.
 

@@ -33,9 +33,9 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
-    default_workdir,
     fit_and_test,
     report_final,
+    start_run,
 )
 from jdl.config import ConfigError
 from jdl.techniques.distill import distillation_loss
@@ -84,17 +84,10 @@ def mlp(hidden, dropout: float, seed: int, num_classes: int) -> nnx.Module:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_config(config)
-        check_distill_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    workdir = workdir or default_workdir("distill_mnist")
+    config, workdir = start_run(
+        argv, get_config, "distill_mnist", check_config, check_distill_config
+    )
     started = time.perf_counter()
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     classes = dataset.num_classes
     results = {

@@ -34,9 +34,9 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
-    default_workdir,
     fit_and_test,
     report_final,
+    start_run,
 )
 from jdl.config import ConfigError
 from jdl.techniques import explain
@@ -101,17 +101,10 @@ def attribution_maps(config, model: nnx.Module, images: jax.Array, target: jax.A
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_config(config)
-        check_explain_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    workdir = workdir or default_workdir("explain_mnist")
+    config, workdir = start_run(
+        argv, get_config, "explain_mnist", check_config, check_explain_config
+    )
     started = time.perf_counter()
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     model = jdl.models.CNN(
         1,

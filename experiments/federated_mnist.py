@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 import jdl
-from experiments.common import default_workdir, report_final
+from experiments.common import report_final, start_run
 from jdl.config import ConfigError
 from jdl.techniques import federated
 
@@ -141,16 +141,8 @@ def train_federated(config, dataset, name: str, workdir: str) -> list[float]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_federated_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    workdir = workdir or default_workdir("federated_mnist")
+    config, workdir = start_run(argv, get_config, "federated_mnist", check_federated_config)
     started = time.perf_counter()
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     rounds = sorted(set(config.report_rounds))
     config.report_rounds = tuple(rounds)

@@ -30,9 +30,9 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
-    default_workdir,
     fit_and_test,
     report_final,
+    start_run,
 )
 from jdl.config import ConfigError
 from jdl.techniques import prune
@@ -88,17 +88,8 @@ def pruning(config, target: float):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_config(config)
-        check_prune_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    workdir = workdir or default_workdir("prune_mnist")
+    config, workdir = start_run(argv, get_config, "prune_mnist", check_config, check_prune_config)
     started = time.perf_counter()
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     rows = []
     for target in config.sparsities:

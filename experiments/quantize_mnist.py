@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, check_config, default_workdir, report_final
+from experiments.common import base_config, check_config, report_final, start_run
 from jdl.config import ConfigError
 from jdl.techniques import quantize
 
@@ -128,15 +128,7 @@ def report(model, test, config) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_quantize_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    workdir = workdir or default_workdir("quantize_mnist")
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
+    config, workdir = start_run(argv, get_config, "quantize_mnist", check_quantize_config)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)
     test = dataset["test"]

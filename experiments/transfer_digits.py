@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, check_config, default_workdir, report_final
+from experiments.common import base_config, check_config, report_final, start_run
 from jdl.config import ConfigError
 from jdl.techniques import transfer
 
@@ -162,19 +162,17 @@ def run_seed(config, pretrain_split, target_train, target_test, seed: int) -> tu
     return target_accuracy(tuned, target_test), target_accuracy(scratch, target_test)
 
 
+def check_duration(config) -> None:
+    """The pretraining duration parses (the epoch length is not known before the data)."""
+    jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_transfer_config(config)
-        jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    config, workdir = start_run(
+        argv, get_config, "transfer_digits", check_transfer_config, check_duration
+    )
     started = time.perf_counter()
-    workdir = workdir or default_workdir("transfer_digits")
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-    jdl.write_run_record(workdir, config, argv)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     pretrain_split = select_classes(dataset["train"], PRETRAIN_CLASSES)
     target_train = select_classes(dataset["train"], TARGET_CLASSES)
