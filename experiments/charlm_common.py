@@ -43,10 +43,14 @@ def lm_config() -> ml_collections.ConfigDict:
     c.text_path = ""  # UTF-8 text file; empty: the Python standard library's source
     c.max_chars = 2_000_000  # the first max_chars characters of the corpus; 0: all
     c.validation_fraction = 0.1  # the last 10% of the text, contiguous
-    c.seq_len = 128  # characters per training window
+    c.seq_len = 64  # characters per training window
     c.eval_batch_size = 64  # validation windows per eval batch
     c.unroll = 1  # a rolled scan of the steps: no convolutions here, faster compiles
-    c.log_every = 100
+    c.learning_rate = 3e-3
+    c.schedule = "cosine"  # to 0 at the last step
+    c.warmup_steps = 50
+    c.clip_norm = 1.0
+    c.log_every = 50
     c.eval_every = 500
     c.sample_prompt = "\n"
     c.sample_chars = 500

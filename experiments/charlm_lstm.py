@@ -36,14 +36,8 @@ from experiments.common import default_workdir
 def get_config(arg: str | None = None):
     c = lm_config()
     c.batch_size = 64
-    c.seq_len = 64
     c.duration = "2000 steps"
-    c.learning_rate = 3e-3
-    c.schedule = "cosine"  # to 0 at the last step
-    c.warmup_steps = 50
-    c.clip_norm = 1.0
     c.eval_every = 500
-    c.log_every = 50
     c.embed_dim = 64
     c.hidden_size = 256
     c.num_layers = 1

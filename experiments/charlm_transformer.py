@@ -37,14 +37,8 @@ from experiments.common import default_workdir
 def get_config(arg: str | None = None):
     c = lm_config()
     c.batch_size = 32
-    c.seq_len = 64
     c.duration = "900 steps"
-    c.learning_rate = 3e-3
-    c.schedule = "cosine"  # to 0 at the last step
-    c.warmup_steps = 50
     c.eval_every = 450
-    c.log_every = 50
-    c.clip_norm = 1.0
     c.weight_decay = 0.1
     c.optimizer = "adamw"
     c.embed_dim = 128
