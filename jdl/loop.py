@@ -273,20 +273,33 @@ def make_chunk_runner(
     streaming = isinstance(data, StreamingData)
     sampler = data.sampler if isinstance(data, InMemoryData) else data
     key = ("streaming" if streaming else sampler, length, unroll, shardings)
-    # The cache lives on the step function itself, so it goes when the function goes
-    # (a global weak-keyed cache would keep it alive through the program's closure).
-    cache = getattr(train_step, _CACHE_ATTRIBUTE, None)
+    if streaming:
+        return _cached_on(
+            train_step, key, lambda: _build_streaming_chunk_runner(train_step, length, unroll)
+        )
+    return _cached_on(
+        train_step,
+        key,
+        lambda: _build_chunk_runner(train_step, sampler, length, unroll, shardings),
+    )
+
+
+def _cached_on(fn: Callable, key, build: Callable[[], Callable]) -> Callable:
+    """`build()`, memoised in a dict kept on `fn` itself under `key`.
+
+    The cache goes when `fn` goes (a global weak-keyed cache would keep `fn` alive through
+    the compiled programs' closures). A callable that takes no attributes (e.g. one with
+    `__slots__`) gets a fresh build each time.
+    """
+    cache = getattr(fn, _CACHE_ATTRIBUTE, None)
     if cache is None:
         cache = {}
         try:
-            setattr(train_step, _CACHE_ATTRIBUTE, cache)
-        except (AttributeError, TypeError):  # e.g. a callable object with __slots__
+            setattr(fn, _CACHE_ATTRIBUTE, cache)
+        except (AttributeError, TypeError):
             pass
     if key not in cache:
-        if streaming:
-            cache[key] = _build_streaming_chunk_runner(train_step, length, unroll)
-        else:
-            cache[key] = _build_chunk_runner(train_step, sampler, length, unroll, shardings)
+        cache[key] = build()
     return cache[key]
 
 
@@ -375,16 +388,9 @@ def make_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
     every example counts exactly once. Compiles once per eval-set size; the evaluator is
     cached on `eval_step` (like the chunk programs), so repeated `fit` calls reuse it.
     """
-    cache = getattr(eval_step, _CACHE_ATTRIBUTE, None)
-    if cache is None:
-        cache = {}
-        try:
-            setattr(eval_step, _CACHE_ATTRIBUTE, cache)
-        except (AttributeError, TypeError):
-            pass
-    if batch_size not in cache:
-        cache[batch_size] = _build_evaluator(eval_step, batch_size)
-    return cache[batch_size]
+    return _cached_on(
+        eval_step, ("evaluator", batch_size), lambda: _build_evaluator(eval_step, batch_size)
+    )
 
 
 def _build_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
