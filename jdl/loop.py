@@ -249,10 +249,13 @@ def make_chunk_runner(
 ) -> Callable:
     """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
 
-    Steps at or past `stop` leave the state unchanged (their updates are discarded with a
-    select), so one program serves every chunk, including those cut short by a log or
-    eval boundary. Returned metrics are stacked per step, shape (length,), zero where
-    skipped. The state argument is donated.
+    Steps at or past `stop` leave the state unchanged, so one program serves every
+    chunk, including those cut short by a log or eval boundary: with `unroll=1` the
+    program is a `while` loop that runs only the steps before `stop`; otherwise every
+    step runs and the updates of those past `stop` are discarded with a select. Either
+    way the example indices of the whole chunk are computed before the loop. Returned
+    metrics are stacked per step, shape (length,), zero where skipped. The state
+    argument is donated.
 
     For a `StreamingData` the program is `(state, batches, stop)` instead, with
     `batches` the tuple of `length` batches from `data.chunk_inputs`; both kinds are
@@ -261,8 +264,9 @@ def make_chunk_runner(
     `unroll=True` (the default) writes the steps out as straight-line code. On XLA:CPU a
     convolution inside a loop or conditional body runs one to two orders of magnitude
     slower than at the top level (see BENCHMARKS.md), so the train step is never put
-    under `lax.cond`, and a rolled `lax.scan` (`unroll=1`) is only worth it for models
-    without convolutions, where it trades nothing at run time for a faster compile.
+    under `lax.cond`, and a rolled loop (`unroll=1`) is only worth it for models without
+    convolutions (or with `CNN(cpu_kernels=True)`), where it compiles faster and skips
+    the select.
 
     The jitted program is cached per (train_step, sampler, length, unroll, shardings), so
     calling `fit` again with the same step function and data set-up does not trace or
@@ -320,31 +324,15 @@ def _build_chunk_runner(
     keep_scalars = shardings.constrain_scalars if shardings else lambda tree: tree
 
     def run_chunk(state: TrainState, arrays, stop):
-        def one_step(carry, _):
-            state, order = carry
-            active = state.step < stop
-            order = jax.lax.cond(  # a new shuffle at each epoch start; cheap, no model inside
-                active & (state.step % data.steps_per_epoch == 0),
-                lambda: data.epoch_permutation(state.step // data.steps_per_epoch),
-                lambda: order,
-            )
-            batch = keep_batch(data.batch_at(arrays, order, state.step))
-            new_state, metrics = train_step(state, batch)
-            state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
-            state = keep_state(state)
-            metrics = jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
-            return (state, order), metrics
+        def one_step(state, indices):
+            state, metrics = train_step(state, keep_batch(data.take_batch(arrays, indices)))
+            return keep_state(state), metrics
 
-        carry = (state, data.epoch_permutation(state.step // data.steps_per_epoch))
-        if unroll is True or unroll >= length:
-            per_step = []
-            for _ in range(length):
-                carry, metrics = one_step(carry, None)
-                per_step.append(metrics)
-            metrics = jax.tree.map(lambda *values: jnp.stack(values), *per_step)
-        else:
-            carry, metrics = jax.lax.scan(one_step, carry, None, length=length, unroll=unroll)
-        return keep_state(carry[0]), keep_scalars(metrics)  # a scan body's constraint ends inside
+        # Every step's example indices, before the loop: the loop body only gathers (no
+        # reshuffle conditional, no permutation in the carry).
+        indices = data.chunk_indices(state.step, length)  # (length, B)
+        state, metrics = _run_steps(one_step, state, indices, stop, length, unroll)
+        return keep_state(state), keep_scalars(metrics)  # a scan body's constraint ends inside
 
     return jax.jit(run_chunk, donate_argnums=(0,))
 
@@ -360,25 +348,60 @@ def _build_streaming_chunk_runner(
     every chunk. The batches are not donated: a short chunk repeats its last batch.
     """
 
-    def one_step(state: TrainState, batch, stop):
+    def run_chunk(state: TrainState, batches, stop):
+        stacked = jax.tree.map(lambda *values: jnp.stack(values), *batches)
+        return _run_steps(train_step, state, stacked, stop, length, unroll)
+
+    return jax.jit(run_chunk, donate_argnums=(0,))
+
+
+def _run_steps(one_step: Callable, state: TrainState, xs, stop, length: int, unroll):
+    """Runs `one_step(state, xs[i]) -> (state, metrics)` for the chunk's steps before `stop`.
+
+    Returns the state and the metrics stacked per step, shape (length, ...), zero for
+    steps at or past `stop` (which leave the state unchanged).
+
+    - `unroll=1`: a `while` loop over exactly the steps to take (a traced trip count),
+      so nothing is computed for skipped steps and nothing is selected: the body is
+      the train step alone, and a cut chunk runs the very same compiled body.
+    - otherwise (`True`: straight-line code; an int > 1: a `lax.scan` with that unroll)
+      every step runs, and the steps at or past `stop` are discarded with a select of
+      the state. Straight-line code is what convolutions need on XLA:CPU (see
+      `make_chunk_runner`); a dynamic trip count cannot be written out in full.
+    """
+    if unroll is not True and unroll == 1:
+        return _run_steps_while(one_step, state, xs, stop, length)
+
+    def masked_step(state, x):
         active = state.step < stop
-        new_state, metrics = train_step(state, batch)
+        new_state, metrics = one_step(state, x)
         state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return state, jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
 
-    def run_chunk(state: TrainState, batches, stop):
-        if unroll is True or unroll >= length:
-            per_step = []
-            for batch in batches:
-                state, metrics = one_step(state, batch, stop)
-                per_step.append(metrics)
-            return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
-        stacked = jax.tree.map(lambda *values: jnp.stack(values), *batches)
-        return jax.lax.scan(
-            lambda state, batch: one_step(state, batch, stop), state, stacked, unroll=unroll
-        )
+    if unroll is True or unroll >= length:
+        per_step = []
+        for i in range(length):
+            state, metrics = masked_step(state, jax.tree.map(lambda x, i=i: x[i], xs))
+            per_step.append(metrics)
+        return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
+    return jax.lax.scan(masked_step, state, xs, unroll=unroll)
 
-    return jax.jit(run_chunk, donate_argnums=(0,))
+
+def _run_steps_while(one_step: Callable, state: TrainState, xs, stop, length: int):
+    """`_run_steps` as a `while` loop of `clip(stop - step, 0, length)` iterations."""
+    first = jax.tree.map(lambda x: x[0], xs)
+    metric_shapes = jax.eval_shape(one_step, state, first)[1]
+    stacked = jax.tree.map(lambda m: jnp.zeros((length, *m.shape), m.dtype), metric_shapes)
+    start = state.step
+
+    def body(i, carry):
+        state, stacked = carry
+        state, metrics = one_step(state, jax.tree.map(lambda x: x[i], xs))
+        stacked = jax.tree.map(lambda buffer, value: buffer.at[i].set(value), stacked, metrics)
+        return state, stacked
+
+    count = jnp.clip(stop - start, 0, length)
+    return jax.lax.fori_loop(0, count, body, (state, stacked))
 
 
 def make_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:

@@ -114,6 +114,21 @@ def test_random_windows_are_shifted_substrings_and_depend_only_on_seed_and_step(
     assert not np.array_equal(other_seed.batch_at(other_seed.arrays, order, 7)["x"], x)
 
 
+def test_random_windows_chunk_indices_match_each_steps_draw():
+    # The chunk program takes every step's window starts from `chunk_indices` before its
+    # loop; they must be the per-step draws from fold_in(key(seed), step) that define
+    # the stream (and that checkpoints of earlier runs resume into).
+    ids = np.arange(500, dtype=np.int32)
+    data = text_data.RandomWindows(ids, batch_size=8, seq_len=16, seed=3)
+    starts = np.asarray(jax.jit(data.chunk_indices, static_argnums=1)(jnp.int32(5), 4))
+    key = jax.random.fold_in(jax.random.PRNGKey(3), text_data._WINDOW_SALT)
+    for k in range(4):
+        expected = jax.random.randint(jax.random.fold_in(key, 5 + k), (8,), 0, 500 - 16)
+        np.testing.assert_array_equal(starts[k], expected)
+        batch = data.batch_at(data.arrays, None, jnp.int32(5 + k))
+        np.testing.assert_array_equal(batch["x"][:, 0], expected)
+
+
 def test_eval_windows_score_every_character_once_with_exact_weights():
     ids = np.arange(1, 24, dtype=np.int32)  # 23 ids, 22 targets; windows of 5 -> 5 windows
     windows = text_data.eval_windows(ids, 5)

@@ -176,6 +176,42 @@ def test_resume_mid_epoch_across_dispatch_sizes(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("log_every", [8, 3])
+def test_rolled_loop_runs_only_the_steps_it_should(tmp_path, log_every):
+    # unroll=1 runs a while loop with a traced trip count (no select). Cut chunks (logs
+    # every 3 steps, chunks of 8) run the same compiled body as full ones, so the result
+    # does not depend on the chunking, and a stop-and-resume is exact.
+    rolled = dict(steps_per_dispatch=8, unroll=1, log_every=log_every)
+    straight = _fit(_state(), num_steps=40, **rolled)
+    uncut = _fit(_state(), num_steps=40, steps_per_dispatch=8, unroll=1, log_every=8)
+    first = _fit(_state(), workdir=str(tmp_path), num_steps=13, **rolled)
+    assert first.step == 13
+    resumed = _fit(_state(), workdir=str(tmp_path), num_steps=40, **rolled)
+    for a, b, c in zip(
+        _leaves(straight.state), _leaves(uncut.state), _leaves(resumed.state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # The same steps as straight-line chunks (a different program: equal up to rounding).
+    written_out = _fit(_state(), num_steps=40, steps_per_dispatch=8, log_every=log_every)
+    for a, b in zip(_leaves(straight.state), _leaves(written_out.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert straight.train_metrics["loss"] == pytest.approx(
+        written_out.train_metrics["loss"], rel=1e-5
+    )
+
+
+def test_rolled_chunk_metrics_are_zero_past_the_stop():
+    data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
+    runner = jdl.make_chunk_runner(jdl.make_train_step(jdl.classification_loss()), data, 8, 1)
+    state, metrics = runner(_state(), data.arrays, jnp.int32(5))
+    assert int(state.step) == 5
+    losses = np.asarray(metrics["loss"])
+    assert losses.shape == (8,) and np.all(losses[:5] > 0) and np.all(losses[5:] == 0)
+    state, metrics = runner(state, data.arrays, jnp.int32(5))  # nothing left to run
+    assert int(state.step) == 5 and not np.asarray(metrics["loss"]).any()
+
+
 def test_finished_run_returns_immediately(tmp_path):
     _fit(_state(), workdir=str(tmp_path), num_steps=20)
     again = _fit(_state(), workdir=str(tmp_path), num_steps=20)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -141,6 +142,33 @@ def test_idx_any_truncation_is_a_format_error(tmp_path_factory, array, data):
 
 
 # --- in-memory batches -----------------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    num_examples=st.integers(1, 40),
+    batch_fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    first_step=st.integers(0, 500),
+    length=st.integers(1, 12),
+)
+def test_chunk_indices_are_the_batches_of_each_step(
+    num_examples, batch_fraction, seed, first_step, length
+):
+    # The chunk program draws its batches from `chunk_indices` (computed before its loop);
+    # they must be the batches `batch_at` defines for each step, across epoch boundaries
+    # and for epochs shorter than the chunk.
+    batch_size = max(1, int(num_examples * batch_fraction))
+    data = jdl.InMemoryData(
+        {"i": np.arange(num_examples, dtype=np.int32)}, batch_size=batch_size, seed=seed
+    )
+    rows = np.asarray(jax.jit(data.sampler.chunk_indices, static_argnums=1)(first_step, length))
+    assert rows.shape == (length, batch_size)
+    for k in range(length):
+        step = first_step + k
+        order = data.epoch_permutation(jnp.int32(step // data.steps_per_epoch))
+        expected = data.batch_at(data.arrays, order, jnp.int32(step))["i"]
+        np.testing.assert_array_equal(rows[k], expected)
 
 
 @settings(max_examples=8, deadline=None)

@@ -61,6 +61,41 @@ class BatchSampler:
         """The batch for global `step`, given the current epoch's `order`. Traceable."""
         position = (step % self.steps_per_epoch) * self.batch_size
         indices = jax.lax.dynamic_slice(order, (position,), (self.batch_size,))
+        return self.take_batch(arrays, indices)
+
+    def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
+        """Example indices, int32 (length, batch_size), of steps `first_step + i`. Traceable.
+
+        Row i equals the indices `batch_at` uses for step `first_step + i`, across epoch
+        boundaries too. Computed once before a chunk's loop, so the loop body only
+        gathers: the permutations of the (at most `span`) epochs the chunk touches are
+        made here, the second and later ones only if the chunk reaches them.
+        """
+        steps = first_step + jnp.arange(length)
+        first_epoch = first_step // self.steps_per_epoch
+        epoch_offsets = steps // self.steps_per_epoch - first_epoch
+        span = min(length, (length - 1) // self.steps_per_epoch + 2)
+        if span > 2:  # tiny epochs: nearly every epoch in range is used, shuffle them all
+            orders = jax.vmap(self.epoch_permutation)(first_epoch + jnp.arange(span))
+        else:
+            first = self.epoch_permutation(first_epoch)
+            orders = first[None]
+            if span == 2:
+                second = jax.lax.cond(  # a small sort, no model inside: cheap as a cond
+                    epoch_offsets[-1] > 0,
+                    lambda: self.epoch_permutation(first_epoch + 1),
+                    lambda: jnp.zeros_like(first),
+                )
+                orders = jnp.stack([first, second])
+        positions = (steps % self.steps_per_epoch) * self.batch_size
+        return jax.vmap(
+            lambda offset, position: jax.lax.dynamic_slice(
+                orders, (offset, position), (1, self.batch_size)
+            )[0]
+        )(epoch_offsets, positions)
+
+    def take_batch(self, arrays: Mapping[str, jax.Array], indices: jax.Array):
+        """The batch of the examples at `indices` (one row of `chunk_indices`). Traceable."""
         return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
 
 

@@ -251,11 +251,21 @@ class RandomWindows:
 
     def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
         """The batch of global `step` (traceable; `order` is unused)."""
-        ids = arrays["ids"]
+        return self.take_batch(arrays, self.chunk_indices(step, 1)[0])
+
+    def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
+        """Window starts, int32 (length, batch_size), of steps `first_step + i`. Traceable."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _WINDOW_SALT)
-        starts = jax.random.randint(
-            jax.random.fold_in(key, step), (self.batch_size,), 0, len(ids) - self.seq_len
-        )
+        high = self.num_examples - self.seq_len
+        return jax.vmap(
+            lambda step: jax.random.randint(
+                jax.random.fold_in(key, step), (self.batch_size,), 0, high
+            )
+        )(first_step + jnp.arange(length))
+
+    def take_batch(self, arrays: Mapping[str, jax.Array], starts: jax.Array):
+        """The windows at `starts` (one row of `chunk_indices`): {"x", "y"} int32 (B, T)."""
+        ids = arrays["ids"]
         windows = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (self.seq_len + 1,)))(
             starts
         )  # (B, T + 1)
