@@ -308,10 +308,11 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}
+    return {path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A pytree key path as "a/b/0" (NNX `value` wrappers left out): the name rules match."""
     parts = []
     for key in path:
         name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdl.checkpoint import _path_name
+from jdl.checkpoint import path_name
 from jdl.data.pipeline import InMemoryData
 
 BATCH_AXES = ("data", "fsdp")
@@ -264,7 +264,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: ShardingRules | None = None) 
             names = metadata.get("out_sharding", metadata.get("sharding_names"))
             leaf = leaf.get_value()
         shape = tuple(np.shape(leaf))
-        spec = rules.spec(_path_name(path), shape, mesh, names)
+        spec = rules.spec(path_name(path), shape, mesh, names)
         shardings.append(NamedSharding(mesh, spec))
     return shardings
 

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdl.models.initializers import uniform_init
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 HE_FAN_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's momentum weighs the new batch statistic; Flax's weighs the running average.
@@ -68,15 +70,6 @@ def batch_norm(channels: int, *, zero_scale: bool = False, rngs: nnx.Rngs) -> nn
         scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
         rngs=rngs,
     )
-
-
-def uniform_init(bound: float) -> nnx.Initializer:
-    """Initializer drawing uniformly from [-bound, bound] (PyTorch's Linear default)."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

@@ -24,20 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdl.models.initializers import uniform_init
 from jdl.models.transformer import sample_logits
 
 # (h, c) for an LSTM, h for a GRU; stacked over cells for a whole network.
 Carry = Any
 CELL_TYPES = ("lstm", "gru")
-
-
-def uniform_init(bound: float) -> nnx.Initializer:
-    """Initializer drawing uniformly from [-bound, bound]."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class _Cell(nnx.Module):

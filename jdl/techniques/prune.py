@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdl.checkpoint import _path_name
+from jdl.checkpoint import path_name
 from jdl.optim import default_decay_mask
 
 MaskFn = Callable[[optax.Params], Any]
@@ -189,6 +189,6 @@ def sparsity_report(params: optax.Params, *, mask_fn: MaskFn = default_decay_mas
             continue
         array = np.asarray(leaf)
         n_zero = int(np.sum(array == 0))
-        report[_path_name(path)] = n_zero / array.size
+        report[path_name(path)] = n_zero / array.size
         zeros, size = zeros + n_zero, size + array.size
     return {"total": zeros / max(size, 1), **report}

@@ -28,7 +28,8 @@ from flax import nnx
 
 from jdl import hf
 from jdl.models.cnn import CNN
-from jdl.models.resnet import ResNet, uniform_init
+from jdl.models.initializers import uniform_init
+from jdl.models.resnet import ResNet
 from jdl.models.transformer import GPT
 from jdl.models.vit import ViT
 from jdl.steps import LossFn
