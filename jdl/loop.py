@@ -163,7 +163,9 @@ def fit(
     if resumed_json:
         logger.message(f"resumed from the checkpoint at step {start_step}")
     run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll, shardings)
-    run_eval = make_evaluator(eval_step, eval_batch_size) if eval_step is not None else None
+    run_eval = None
+    if eval_step is not None:
+        run_eval = make_evaluator(eval_step, eval_batch_size, shardings)
     tracker = _BestTracker(best_metric, best_mode, early_stopping_patience)
     tracker.load(resumed_json.get("best_tracker", {}))
     pending: list[tuple[Metrics, int, int]] = []
@@ -279,7 +281,9 @@ def make_chunk_runner(
     key = ("streaming" if streaming else sampler, length, unroll, shardings)
     if streaming:
         return _cached_on(
-            train_step, key, lambda: _build_streaming_chunk_runner(train_step, length, unroll)
+            train_step,
+            key,
+            lambda: _build_streaming_chunk_runner(train_step, length, unroll, shardings),
         )
     return _cached_on(
         train_step,
@@ -317,11 +321,7 @@ def _build_chunk_runner(
     unroll: int | bool,
     shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
-    # On a mesh, constraints pin each step's batch to the batch axes and keep the state
-    # in its input layout, so the output can be donated and fed back without recompiling.
-    keep_state = shardings.constrain_state if shardings else lambda state: state
-    keep_batch = shardings.constrain_batch if shardings else lambda batch: batch
-    keep_scalars = shardings.constrain_scalars if shardings else lambda tree: tree
+    keep_state, keep_batch, keep_scalars = _keepers(shardings)
 
     def run_chunk(state: TrainState, arrays, stop):
         def one_step(state, indices):
@@ -338,7 +338,10 @@ def _build_chunk_runner(
 
 
 def _build_streaming_chunk_runner(
-    train_step: TrainStep, length: int, unroll: int | bool
+    train_step: TrainStep,
+    length: int,
+    unroll: int | bool,
+    shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
     """`(state, batches, stop) -> (state, metrics)` for batches fed from the host.
 
@@ -348,11 +351,31 @@ def _build_streaming_chunk_runner(
     every chunk. The batches are not donated: a short chunk repeats its last batch.
     """
 
+    keep_state, keep_batch, keep_scalars = _keepers(shardings)
+
     def run_chunk(state: TrainState, batches, stop):
+        def one_step(state, batch):
+            state, metrics = train_step(state, keep_batch(batch))
+            return keep_state(state), metrics
+
         stacked = jax.tree.map(lambda *values: jnp.stack(values), *batches)
-        return _run_steps(train_step, state, stacked, stop, length, unroll)
+        state, metrics = _run_steps(one_step, state, stacked, stop, length, unroll)
+        return keep_state(state), keep_scalars(metrics)
 
     return jax.jit(run_chunk, donate_argnums=(0,))
+
+
+def _keepers(shardings: parallel.ChunkShardings | None) -> tuple[Callable, Callable, Callable]:
+    """(keep_state, keep_batch, keep_scalars): the sharding constraints of a chunk program.
+
+    On a mesh they pin each step's batch to the batch axes and keep the state in its
+    input layout, so the output can be donated and fed back without recompiling; on one
+    device they change nothing.
+    """
+    if shardings is None:
+        same = lambda tree: tree
+        return same, same, same
+    return shardings.constrain_state, shardings.constrain_batch, shardings.constrain_scalars
 
 
 def _run_steps(one_step: Callable, state: TrainState, xs, stop, length: int, unroll):
@@ -404,19 +427,29 @@ def _run_steps_while(one_step: Callable, state: TrainState, xs, stop, length: in
     return jax.lax.fori_loop(0, count, body, (state, stacked))
 
 
-def make_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
+def make_evaluator(
+    eval_step: EvalStep,
+    batch_size: int,
+    shardings: parallel.ChunkShardings | None = None,
+) -> Callable:
     """Returns `evaluate(state, arrays) -> {name: mean}` over a whole eval set.
 
     The set is padded to a whole number of batches and the padding is masked out, so
     every example counts exactly once. Compiles once per eval-set size; the evaluator is
     cached on `eval_step` (like the chunk programs), so repeated `fit` calls reuse it.
+    With `shardings` (a mesh's, from `fit`), each eval batch is split over the mesh's
+    batch axes when its size allows, so every device evaluates its share only.
     """
     return _cached_on(
-        eval_step, ("evaluator", batch_size), lambda: _build_evaluator(eval_step, batch_size)
+        eval_step,
+        ("evaluator", batch_size, shardings),
+        lambda: _build_evaluator(eval_step, batch_size, shardings),
     )
 
 
-def _build_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
+def _build_evaluator(
+    eval_step: EvalStep, batch_size: int, shardings: parallel.ChunkShardings | None
+) -> Callable:
 
     @jax.jit
     def evaluate_padded(state, arrays, mask):
@@ -444,7 +477,10 @@ def _build_evaluator(eval_step: EvalStep, batch_size: int) -> Callable:
             )
             for name, value in arrays.items()
         }
-        means = evaluate_padded(state, batched, mask.reshape(num_batches, size))
+        mask = mask.reshape(num_batches, size)
+        if shardings is not None:  # rows of each batch (axis 1) over the batch axes
+            batched, mask = parallel.place_batches((batched, mask), shardings.batch)
+        means = evaluate_padded(state, batched, mask)
         return {name: float(value) for name, value in jax.device_get(means).items()}
 
     return evaluate

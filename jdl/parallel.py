@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdl.checkpoint import path_name
-from jdl.data.pipeline import InMemoryData
+from jdl.data.pipeline import StreamingData
 
 BATCH_AXES = ("data", "fsdp")
 """Mesh axes a batch is split over, outermost first."""
@@ -300,6 +300,25 @@ def place_data(arrays: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return placed
 
 
+def place_batches(tree: Any, batch: NamedSharding) -> Any:
+    """Host arrays (num_batches, batch_size, ...) placed with their rows split like `batch`.
+
+    Axis 1 is split over the batch axes of `batch` (a mesh's `batch_sharding`) when
+    its size divides evenly; otherwise the arrays are replicated (a small eval set
+    still works, each device evaluating all of it). Every process passes the same
+    arrays.
+    """
+    mesh = batch.mesh
+
+    def place(value):
+        value = np.asarray(value)
+        fits = value.ndim >= 2 and value.shape[1] % data_parallel_size(mesh) == 0
+        spec = PartitionSpec(None, *batch.spec) if fits else PartitionSpec()
+        return _place(value, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, tree)
+
+
 def _place(value: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(value, jax.Array) and value.sharding == sharding:
         return value
@@ -445,8 +464,10 @@ def place_for_fit(
 ) -> tuple[Any, ChunkShardings | None]:
     """What `fit` does before training: place the state and the data, pick the layout.
 
-    With `mesh`, the state is placed by `rules` (`shard_state`) and the arrays of an
-    in-memory data set (`train_data.arrays`) are placed by `place_data`, in place.
+    With `mesh`, the state is placed by `rules` (`shard_state`); the arrays of a data set
+    held on the device (`train_data.arrays`: `InMemoryData`, `RandomWindows`) are placed
+    by `place_data`, in place; a `StreamingData` without a `sharding` of its own gets the
+    mesh's batch sharding, so its batches arrive split over the batch axes.
     Without, a state that is already on a multi-device mesh keeps its placement. The
     returned `ChunkShardings` (None on a single device) is what the chunk program keeps.
 
@@ -461,6 +482,9 @@ def place_for_fit(
     check_batch_size(train_data.batch_size, mesh)
     if not placed:
         state = shard_state(state, mesh, rules)
-    if isinstance(train_data, InMemoryData):
+    if isinstance(train_data, StreamingData):
+        if train_data.sharding is None:
+            train_data.sharding = batch_sharding(mesh)
+    else:
         train_data.arrays = place_data(train_data.arrays, mesh)
     return state, ChunkShardings.of(state, mesh)

@@ -14,7 +14,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jdl
+from experiments import charlm_common
 from jdl import parallel
+from jdl.data.text import RandomWindows
 from jdl.parallel import ShardingError, ShardingRules
 
 RULES = ShardingRules(min_size=256)  # small enough that the test MLP's kernels are split
@@ -224,6 +226,78 @@ def test_placed_state_keeps_its_layout_without_mesh_argument(single_device, tmp_
     )
     kernel = result.state.params["hidden"][0]["kernel"].value  # (16, 64)
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+    for got, want in zip(_params(result.state), _params(reference.state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_batches_follow_the_mesh(tmp_path):
+    # fit places a stream's batches itself: split over the batch axes, like in-memory ones.
+    def stream_fit(mesh=None):
+        data = jdl.StreamingData(_blobs(), batch_size=32, seed=0, prefetch=2)
+        result = jdl.fit(
+            _state(),
+            train_step=_STEP,
+            train_data=data,
+            num_steps=6,
+            steps_per_dispatch=3,
+            unroll=1,
+            progress=False,
+            mesh=mesh,
+        )
+        return result, data
+
+    reference, _ = stream_fit()
+    mesh = parallel.make_mesh("data:8")
+    result, data = stream_fit(mesh)
+    assert data.sharding == parallel.batch_sharding(mesh)
+    for got, want in zip(_params(result.state), _params(reference.state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert result.train_metrics["loss"] == pytest.approx(reference.train_metrics["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("eval_batch_size", [32, 30])  # splits over 8 devices; does not
+def test_eval_on_a_mesh_matches_one_device(eval_batch_size):
+    loss = jdl.classification_loss()
+    evaluate = jdl.make_evaluator(jdl.make_eval_step(loss), eval_batch_size)
+    eval_data = _blobs(n=100, seed=1)
+    reference = evaluate(_state(), eval_data)
+    mesh = parallel.make_mesh("data:8")
+    state = parallel.shard_state(_state(), mesh, RULES)
+    shardings = parallel.ChunkShardings.of(state, mesh)
+    sharded = jdl.make_evaluator(jdl.make_eval_step(loss), eval_batch_size, shardings)
+    got = sharded(state, eval_data)
+    assert got.keys() == reference.keys()
+    for name in got:
+        assert got[name] == pytest.approx(reference[name], rel=1e-5), name
+    batches, _ = parallel.place_batches(
+        (np.zeros((2, eval_batch_size, 3)), np.zeros((2, eval_batch_size))),
+        shardings.batch,
+    )
+    rows_per_device = eval_batch_size // 8 if eval_batch_size % 8 == 0 else eval_batch_size
+    assert batches.addressable_shards[0].data.shape == (2, rows_per_device, 3)
+
+
+def test_device_text_windows_train_on_a_mesh():
+    # A language model's token array (RandomWindows) is placed on the mesh too.
+    ids = np.random.default_rng(0).integers(0, 16, 2000).astype(np.int32)
+    model = jdl.models.CharLM(16, 8, 16, rngs=nnx.Rngs(0))
+    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
+    step = jdl.make_train_step(charlm_common.lm_loss())
+
+    def window_fit(mesh=None):
+        return jdl.fit(
+            jdl.TrainState.create(model, tx, seed=0),
+            train_step=step,
+            train_data=RandomWindows(ids, batch_size=8, seq_len=12, seed=0),
+            num_steps=4,
+            steps_per_dispatch=2,
+            unroll=1,
+            progress=False,
+            mesh=mesh,
+        )
+
+    reference = window_fit()
+    result = window_fit(parallel.make_mesh("data:8"))
     for got, want in zip(_params(result.state), _params(reference.state), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
