@@ -1,34 +1,86 @@
-"""Training throughput of `jdl.fit` against a hand-written JAX loop and PyTorch.
+"""Training throughput and model FLOP utilisation of `jdl.fit`, against pure JAX and PyTorch.
 
 Command:
-    python -m benchmarks.throughput [--models mnist_mlp,mlp_512,mnist_cnn] [--steps N]
-        [--batch-size 128] [--repeats 3] [--settings K:U[:cpu],...] [--threads T]
-        [--no-torch-compile] [--quick]
+    python -m benchmarks.throughput [--models mnist_mlp,...,vit] [--steps N] [--batch-size B]
+        [--seq-len T] [--repeats 3] [--settings K:U[:cpu],...] [--threads T]
+        [--peak-size N] [--no-torch-compile] [--quick]
 
-Every peer trains the same network (same layers and sizes, Adam with learning rate 1e-3,
-softmax cross-entropy, same batch size, same number of steps) on the same synthetic
-MNIST-shaped data held in memory (a few dozen batches of Gaussian images, random labels):
+Models (every family of jdl's zoo, each built from `jdl.models`; synthetic data held in
+memory, a few batches' worth, reshuffled every epoch; softmax cross-entropy; Adam with
+learning rate 1e-3; the same batch size and number of steps in every peer):
+
+| model | network | data | batch |
+|---|---|---|---|
+| mnist_mlp | `MLP` 784-128-10, ReLU | 784 Gaussian features, 10 classes | 128 |
+| mlp_512 | `MLP` 784-512-512-10, ReLU | as mnist_mlp | 128 |
+| mnist_cnn | `CNN` conv32-pool-conv64-pool-dense128 | 28x28x1 images, 10 classes | 128 |
+| resnet20 | `resnet20` (0.27M parameters, batch norm) | 32x32x3 images, 10 classes | 128 |
+| lstm | `CharLM`, embedding 64, LSTM 256 | windows of 64 of 65 tokens | 64 |
+| gpt_small | `gpt_small`, GPT-2 small (124M) | windows of 128 of 50,257 tokens | 4 |
+| vit | `vit_cifar`, 6 layers of width 192 | 32x32x3 images, 10 classes | 128 |
+
+The LSTM's sizes are the defaults of `experiments/charlm_lstm.py` (vocabulary 65, the
+characters of tinyshakespeare.txt). The language models predict the next token at every
+position of uniformly random token windows (the loss of `experiments/charlm_common.py`);
+their "samples" are sequences: samples/s means windows/s (tokens/s = that x T).
+`--seq-len` sets T of both language models. Dropout is off in every peer.
+
+Peers:
 
 - jdl: `jdl.fit` with K steps per dispatch and unroll U (for the CNN also with or without
-  `CNN(cpu_kernels=True)`). A few settings per model are timed first (with `fit` itself)
-  and the fastest is used; the line "settings: ..." says which.
-- pure_jax: the "framework costs nothing" reference: plain functions over parameter
-  pytrees (no Flax, no optax), a hand-written Adam, one jitted and donated program per K
-  steps with jdl's K and unroll (`lax.scan`, or straight-line steps when fully unrolled),
-  batches gathered on the device from a fresh permutation per epoch. When jdl's CNN uses
-  `cpu_kernels`, the reference calls the same convolution and pooling functions.
-- torch_eager: the same model in `torch.nn` (NCHW), `torch.optim.Adam` with its defaults,
-  batches pre-made tensors in memory, `torch.set_num_threads(--threads)`.
+  `CNN(cpu_kernels=True)`), on `jdl.InMemoryData`, with `jdl.make_train_step` over
+  `jdl.classification_loss` (language models: `experiments.charlm_common.lm_loss`) and
+  `norm_metrics=False`: the step computes what the pure-JAX step computes (the loss and
+  its mean) plus the accuracy, not the per-step gradient and parameter norms. A
+  few settings per model are timed first (with `fit` itself) and the fastest is used;
+  the line "settings: ..." says which. Models with convolutions get straight-line
+  chunks (BENCHMARKS.md, finding 2).
+- jdl_norms (the three original models only; a detail line, not in RESULT): the same
+  with `make_train_step`'s default `norm_metrics=True`, i.e. with the two global norms
+  every step, to show what those metrics cost.
+- pure_jax: the "framework costs nothing" reference: one jitted and donated program per
+  K steps with jdl's K and unroll (`lax.scan`, or straight-line steps when fully
+  unrolled), a hand-written Adam and softmax cross-entropy, batches gathered on the
+  device from a fresh permutation per epoch. For the three original models the network
+  is plain functions over parameter pytrees (no Flax, no optax; with `cpu_kernels` the
+  same convolution and pooling functions as jdl's CNN). For the zoo models it is the
+  same jdl NNX module, split once (`nnx.split`) and merged inside the jitted program,
+  with batch-norm statistics carried and updated as jdl does: the difference to jdl is
+  then what jdl's loop and step add around the model (optax, metrics, data sampling).
+- torch_eager: the same network in `torch.nn` (`benchmarks/zoo_peers.py` for the zoo
+  models; NCHW for the convolutional ones), `torch.optim.Adam` with its defaults, batches
+  pre-made tensors in memory, `torch.set_num_threads(--threads)`. The trainable
+  parameter counts of the torch and jdl networks are checked equal and printed.
 - torch_compile: the whole torch train step (forward, backward, Adam) under
   `torch.compile` with the default inductor backend. If it fails, the reason is printed and
   its ratio is nan.
 
 What is timed is the steady state: every peer is compiled and warmed up first, then each
 repeat times `--steps` training steps with the wall clock, until the final state is ready.
-Compilation is excluded for every peer alike. `jdl.fit` builds and compiles its chunk
-program on every call, so the warm-up fit compiles it once and the timed fits get that
-same program back (`JdlPeer`); everything else `fit` does is timed. What a fresh `fit`
-call costs on top of its steps is printed on its own line.
+Compilation is excluded for every peer alike. The warm-up `jdl.fit` compiles the chunk
+program and the timed fits get it back from `fit`'s own cache (`JdlPeer`); everything else
+`fit` does is timed. What one more `fit` call costs on top of its steps is printed on its
+own line. (Models are initialised with the non-partitionable threefry PRNG, which XLA:CPU
+compiles several times faster; that is set-up only, never timed.)
+
+Defaults: timed steps per repeat 2000 (mnist_mlp), 600 (mlp_512), 60 (mnist_cnn), 8
+(resnet20), 40 (lstm), 2 (gpt_small: seconds per step), 4 (vit), rounded up to whole
+epochs of the synthetic data; jdl settings tried: K=50 with unroll 1 or 5 (MLPs); K=10
+fully unrolled, or rolled or unrolled with cpu_kernels (CNN); K=2 fully unrolled
+(resnet20); K=10 with unroll 1 or full (lstm); K=2 unroll 1 (gpt_small); K=2 with unroll
+1 or full (vit).
+`--steps` sets one number for all models, `--settings` one list of settings.
+
+MFU (model FLOP utilisation) is jdl's achieved model FLOP/s over the machine's peak:
+`mfu = model FLOPs per step * jdl steps/s / peak`.
+
+- Peak: measured once at the start, the best of a few float32 N x N matrix products
+  (`--peak-size`, default 4096) in XLA (a jitted `jnp.dot`) and in torch (on the
+  benchmark's threads); the peak is the larger. Printed as
+  `peak: xla=<x> GFLOP/s torch=<y> GFLOP/s (matmul NxN fp32)`.
+- Model FLOPs per step: the matmul and convolution FLOPs of jdl's loss forward pass,
+  counted from its jaxpr (`benchmarks/flops.py`), times 3 for forward plus backward (the
+  usual convention). Printed per model as `model FLOPs/step: ...`.
 
 The machine may be shared with other work, so timings are noisy: the peers are timed in
 turn (the order rotates every repeat) and each peer's figure is its median over the
@@ -36,7 +88,15 @@ repeats. Ratios are jdl's median throughput over the peer's, measured in the sam
 above 1 means jdl is faster. After the detail lines of each model comes one line:
 
     RESULT model=<name> jdl_samples_per_s=<x> vs_pure_jax=<r> vs_torch_eager=<r> \
-vs_torch_compile=<r>
+vs_torch_compile=<r> mfu=<fraction>
+
+MFU is a fraction of what the machine's best matmul reaches, not of a datasheet peak; on
+a CPU shared with other work both the peak and the model's rate move with the load.
+
+`--quick` is a smoke run: 10 steps of batch 16, one repeat, K=5 unroll=1, a 1024 peak
+matmul, and tiny versions of the zoo models (the same modules and block types at small
+sizes: a ResNet with one basic block per stage and width 4 on 8x8 images, an LSTM of 32,
+one-layer GPT and ViT of width 64 and 32, sequences of 16 tokens).
 """
 
 from __future__ import annotations
@@ -48,7 +108,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -61,14 +121,23 @@ from jax import lax
 from torch import nn
 
 import jdl
+from benchmarks import flops
+from benchmarks import zoo_peers as twins
+from experiments import charlm_lstm
+from experiments.charlm_common import lm_loss
 from jdl.models import cpu_kernels as jdl_kernels
 
 NUM_CLASSES = 10
+SHAKESPEARE_VOCAB = 65  # distinct characters of tinyshakespeare.txt
 LEARNING_RATE = 1e-3
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # the defaults of jdl (optax) and torch
 TUNE_REPEATS = 2
-PEERS = ("jdl", "pure_jax", "torch_eager", "torch_compile")
+PEAK_SIZE, PEAK_REPEATS = 4096, 5
+PEERS = ("jdl", "jdl_norms", "pure_jax", "torch_eager", "torch_compile")
+PLAIN_FAMILIES = ("mlp", "cnn")  # pure_jax is plain functions; for the others, the jdl module
+LANGUAGE_FAMILIES = ("lstm", "gpt")
 Arrays = dict[str, np.ndarray]
+Sizes = Mapping[str, Any]
 
 
 class Setting(NamedTuple):
@@ -97,6 +166,7 @@ QUICK = {
     "repeats": 1,
     "epoch_steps": 5,
     "settings": (Setting(5, 1),),
+    "peak_size": 1024,
 }
 
 
@@ -106,9 +176,12 @@ class ModelSpec:
 
     Attributes:
       name: the name used on the command line and in RESULT lines.
-      description: the layers, for humans.
-      example_shape: one input example in JAX layout (images are HWC).
-      hidden: MLP hidden sizes; empty for the CNN.
+      description: the network, for humans; formatted with the sizes (`str.format`).
+      family: which builders make it: "mlp", "cnn", "resnet", "lstm", "gpt" or "vit".
+      sizes: the network's sizes (and "seq_len" for language models), read by the jdl,
+        pure-JAX and torch builders alike.
+      quick_sizes: the tiny sizes of `--quick` (None: `sizes`).
+      batch_size: the default batch size.
       epoch_steps: batches in the synthetic data set (an epoch).
       default_steps: timed steps per repeat when --steps is not given.
       settings: jdl settings to try; each K must divide `epoch_steps`.
@@ -116,65 +189,184 @@ class ModelSpec:
 
     name: str
     description: str
-    example_shape: tuple[int, ...]
-    hidden: tuple[int, ...]
+    family: str
+    sizes: Sizes
+    quick_sizes: Sizes | None
+    batch_size: int
     epoch_steps: int
     default_steps: int
     settings: tuple[Setting, ...]
 
     @property
-    def is_cnn(self) -> bool:
-        return len(self.example_shape) == 3
+    def hidden(self) -> tuple[int, ...]:
+        """MLP hidden sizes; empty for the other families."""
+        return tuple(self.sizes.get("hidden", ()))
 
+    @property
+    def is_language_model(self) -> bool:
+        return self.family in LANGUAGE_FAMILIES
+
+    def describe(self, sizes: Sizes) -> str:
+        return self.description.format(**sizes)
+
+
+_LSTM = charlm_lstm.get_config()
+_GPT_SMALL = dict(vocab_size=50257, max_len=1024, embed_dim=768, num_heads=12, num_layers=12)
+_VIT_CIFAR = dict(image_size=32, patch_size=4, embed_dim=192, num_heads=3, num_layers=6)
 
 # Settings tried for jdl. Dense models: rolled or lightly unrolled scans compiled faster and
-# ran faster than straight-line chunks here. The CNN: plain convolutions inside an XLA:CPU
-# loop body run over an order of magnitude slower, so they are only tried fully unrolled;
-# with cpu_kernels a rolled scan is fine.
+# ran faster than straight-line chunks here. Convolutions inside an XLA:CPU loop body run
+# over an order of magnitude slower, so the CNN and the ResNet are tried fully unrolled
+# (the CNN also with cpu_kernels, where a rolled scan is fine). The big models get short
+# chunks: their steps take long enough that dispatch costs nothing, and compiles stay sane.
+# GPT-2 small gets one setting: K=2 rolled and fully unrolled ran alike (0.5 samples/s
+# each, loaded machine), and each candidate costs a compile and seconds-long tuning steps.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
-            "mnist_mlp",
-            "784-128-10 ReLU MLP",
-            (784,),
-            (128,),
-            50,
-            2000,
-            (Setting(50, 1), Setting(50, 5)),
+            name="mnist_mlp",
+            description="{inputs}-128-10 ReLU MLP",
+            family="mlp",
+            sizes={"inputs": 784, "hidden": (128,)},
+            quick_sizes=None,
+            batch_size=128,
+            epoch_steps=50,
+            default_steps=2000,
+            settings=(Setting(50, 1), Setting(50, 5)),
         ),
         ModelSpec(
-            "mlp_512",
-            "784-512-512-10 ReLU MLP",
-            (784,),
-            (512, 512),
-            50,
-            600,
-            (Setting(50, 1), Setting(50, 5)),
+            name="mlp_512",
+            description="{inputs}-512-512-10 ReLU MLP",
+            family="mlp",
+            sizes={"inputs": 784, "hidden": (512, 512)},
+            quick_sizes=None,
+            batch_size=128,
+            epoch_steps=50,
+            default_steps=600,
+            settings=(Setting(50, 1), Setting(50, 5)),
         ),
         ModelSpec(
-            "mnist_cnn",
-            "conv3x3 32-relu-maxpool2-conv3x3 64-relu-maxpool2-dense 128-relu-dense 10",
-            (28, 28, 1),
-            (),
-            10,
-            60,
-            (
+            name="mnist_cnn",
+            description="conv3x3 32-relu-maxpool2-conv3x3 64-relu-maxpool2-dense 128-relu-dense 10",
+            family="cnn",
+            sizes={"image_size": 28},
+            quick_sizes=None,
+            batch_size=128,
+            epoch_steps=10,
+            default_steps=60,
+            settings=(
                 Setting(10, True),
                 Setting(10, 1, cpu_kernels=True),
                 Setting(10, True, cpu_kernels=True),
             ),
         ),
+        ModelSpec(
+            name="resnet20",
+            description="CIFAR ResNet (stages of {stage_sizes} basic blocks, widths {width}/2x/4x, "
+            "batch norm, option-A shortcuts) on {image_size}x{image_size}x3 images",
+            family="resnet",
+            sizes={"stage_sizes": (3, 3, 3), "width": 16, "image_size": 32},  # ResNet-20
+            quick_sizes={"stage_sizes": (1, 1, 1), "width": 4, "image_size": 8},
+            batch_size=128,
+            epoch_steps=4,
+            default_steps=8,
+            settings=(Setting(2, True),),
+        ),
+        ModelSpec(
+            name="lstm",
+            description="character LM: embedding {embed_dim} -> LSTM {hidden_size} x "
+            "{num_layers} -> dense {vocab_size}, windows of {seq_len} tokens",
+            family="lstm",
+            sizes={
+                "vocab_size": SHAKESPEARE_VOCAB,
+                "embed_dim": _LSTM.embed_dim,
+                "hidden_size": _LSTM.hidden_size,
+                "num_layers": _LSTM.num_layers,
+                "seq_len": _LSTM.seq_len,
+            },
+            quick_sizes={
+                "vocab_size": SHAKESPEARE_VOCAB,
+                "embed_dim": 16,
+                "hidden_size": 32,
+                "num_layers": 1,
+                "seq_len": 16,
+            },
+            batch_size=_LSTM.batch_size,
+            epoch_steps=20,
+            default_steps=40,
+            settings=(Setting(10, 1), Setting(10, True)),
+        ),
+        ModelSpec(
+            name="gpt_small",
+            description="GPT-2 ({num_layers} pre-LN layers of width {embed_dim}, {num_heads} "
+            "heads, vocab {vocab_size}, context {max_len}, tied embeddings), windows of "
+            "{seq_len} tokens",
+            family="gpt",
+            sizes={**_GPT_SMALL, "seq_len": 128},
+            quick_sizes={
+                "vocab_size": 256,
+                "max_len": 16,
+                "embed_dim": 64,
+                "num_heads": 4,
+                "num_layers": 1,
+                "seq_len": 16,
+            },
+            batch_size=4,
+            epoch_steps=2,
+            default_steps=2,
+            settings=(Setting(2, 1),),
+        ),
+        ModelSpec(
+            name="vit",
+            description="ViT ({num_layers} pre-LN layers of width {embed_dim}, {num_heads} "
+            "heads, patches {patch_size}x{patch_size}) on {image_size}x{image_size}x3 images",
+            family="vit",
+            sizes=_VIT_CIFAR,
+            quick_sizes={
+                "image_size": 8,
+                "patch_size": 4,
+                "embed_dim": 32,
+                "num_heads": 2,
+                "num_layers": 1,
+            },
+            batch_size=128,
+            epoch_steps=4,
+            default_steps=4,
+            settings=(Setting(2, 1), Setting(2, True)),
+        ),
     )
 }
 
 
-def make_data(spec: ModelSpec, batch_size: int, epoch_steps: int) -> Arrays:
-    """Synthetic MNIST-shaped data: `epoch_steps` batches, float32 x, int32 y."""
+def example_shape(spec: ModelSpec, sizes: Sizes) -> tuple[int, ...]:
+    """One input example in JAX layout (images are HWC); language models: (seq_len,)."""
+    if spec.family == "mlp":
+        return (sizes["inputs"],)
+    if spec.family == "cnn":
+        return (sizes["image_size"], sizes["image_size"], 1)
+    if spec.is_language_model:
+        return (sizes["seq_len"],)
+    return (sizes["image_size"], sizes["image_size"], 3)
+
+
+def make_data(
+    spec: ModelSpec, batch_size: int, epoch_steps: int, sizes: Sizes | None = None
+) -> Arrays:
+    """Synthetic data of `epoch_steps` batches: {"x": inputs, "y": int32 targets}.
+
+    Classifiers: float32 Gaussian inputs, uniformly random labels (N,). Language models:
+    int32 windows (N, T) of uniformly random tokens, "y" the next token at every position.
+    """
+    sizes = spec.sizes if sizes is None else sizes
     rng = np.random.default_rng(0)
     num = batch_size * epoch_steps
+    if spec.is_language_model:
+        tokens = rng.integers(0, sizes["vocab_size"], (num, sizes["seq_len"] + 1))
+        tokens = tokens.astype(np.int32)
+        return {"x": np.ascontiguousarray(tokens[:, :-1]), "y": np.ascontiguousarray(tokens[:, 1:])}
     return {
-        "x": rng.normal(size=(num, *spec.example_shape)).astype(np.float32),
+        "x": rng.normal(size=(num, *example_shape(spec, sizes))).astype(np.float32),
         "y": rng.integers(0, NUM_CLASSES, num).astype(np.int32),
     }
 
@@ -194,18 +386,71 @@ class Peer(Protocol):
 # ----------------------------------------------------------------------------- jdl
 
 
-def build_jdl_model(spec: ModelSpec, rngs: nnx.Rngs, cpu_kernels: bool = False) -> nnx.Module:
-    if spec.is_cnn:
+def _gpt_sizes(sizes: Sizes) -> dict[str, Any]:
+    return {name: value for name, value in sizes.items() if name != "seq_len"}
+
+
+def build_jdl_model(
+    spec: ModelSpec, sizes: Sizes, rngs: nnx.Rngs, cpu_kernels: bool = False
+) -> nnx.Module:
+    """The jdl network of `spec` at `sizes` (dropout off)."""
+    # Only the set-up is faster this way: XLA:CPU compiles the partitionable threefry
+    # random-bits program about 5x slower (~3 s per distinct parameter shape here).
+    with jax.threefry_partitionable(False):
+        return _build_jdl_model(spec, sizes, rngs, cpu_kernels)
+
+
+def _build_jdl_model(
+    spec: ModelSpec, sizes: Sizes, rngs: nnx.Rngs, cpu_kernels: bool
+) -> nnx.Module:
+    family = spec.family
+    if family == "mlp":
+        return jdl.models.MLP(sizes["inputs"], sizes["hidden"], NUM_CLASSES, rngs=rngs)
+    if family == "cnn":
+        side = sizes["image_size"]
         return jdl.models.CNN(
             1,
             NUM_CLASSES,
-            input_shape=spec.example_shape[:2],
+            input_shape=(side, side),
             conv_channels=(32, 64),
             dense_sizes=(128,),
             cpu_kernels=cpu_kernels,
             rngs=rngs,
         )
-    return jdl.models.MLP(spec.example_shape[0], spec.hidden, NUM_CLASSES, rngs=rngs)
+    if family == "resnet":  # stage sizes (3, 3, 3) and width 16: `jdl.models.resnet20`
+        return jdl.models.ResNet(
+            sizes["stage_sizes"],
+            jdl.models.BasicBlock,
+            NUM_CLASSES,
+            stem="cifar",
+            width=sizes["width"],
+            rngs=rngs,
+        )
+    if family == "lstm":
+        return jdl.models.CharLM(
+            sizes["vocab_size"],
+            sizes["embed_dim"],
+            sizes["hidden_size"],
+            sizes["num_layers"],
+            cell_type="lstm",
+            rngs=rngs,
+        )
+    if family == "gpt":
+        return jdl.models.gpt_small(rngs=rngs, **_gpt_sizes(sizes))
+    if family == "vit":
+        return jdl.models.vit_cifar(NUM_CLASSES, rngs=rngs, **sizes)
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def jdl_loss_fn(spec: ModelSpec) -> jdl.steps.LossFn:
+    """jdl's own loss for the model: next-token cross-entropy or classification."""
+    return lm_loss() if spec.is_language_model else jdl.classification_loss()
+
+
+def jdl_param_count(spec: ModelSpec, sizes: Sizes) -> int:
+    """Trainable parameters of the jdl network, from shapes only (nothing is initialised)."""
+    model = nnx.eval_shape(lambda: build_jdl_model(spec, sizes, nnx.Rngs(0)))
+    return jdl.count_params(nnx.state(model, nnx.Param))
 
 
 class JdlPeer:
@@ -216,13 +461,22 @@ class JdlPeer:
     train step, data set-up, K and unroll). Everything else `fit` does is timed as it is.
     """
 
-    name = "jdl"
-
-    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, setting: Setting):
-        self.model = build_jdl_model(spec, nnx.Rngs(0), setting.cpu_kernels)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        sizes: Sizes,
+        arrays: Arrays,
+        batch_size: int,
+        setting: Setting,
+        norm_metrics: bool = False,
+    ):
+        self.name = "jdl_norms" if norm_metrics else "jdl"
+        self.model = build_jdl_model(spec, sizes, nnx.Rngs(0), setting.cpu_kernels)
+        self.num_params = jdl.count_params(nnx.state(self.model, nnx.Param))
         self.tx, _ = jdl.make_optimizer("adam", learning_rate=LEARNING_RATE)
         self.data = jdl.InMemoryData(arrays, batch_size=batch_size, seed=0)
-        self.train_step = jdl.make_train_step(jdl.classification_loss())
+        self.loss_fn = jdl_loss_fn(spec)
+        self.train_step = jdl.make_train_step(self.loss_fn, norm_metrics=norm_metrics)
         self.setting = setting
 
     def fit_seconds(self, num_steps: int) -> float:
@@ -248,18 +502,44 @@ class JdlPeer:
     def time_steps(self, steps: int) -> float:
         return self.fit_seconds(steps)
 
+    def flops_per_step(self) -> int:
+        """Model FLOPs of one training step: 3 x the matmul/conv FLOPs of the loss forward."""
+        graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        batch = {
+            name: jax.ShapeDtypeStruct((self.data.batch_size, *value.shape[1:]), value.dtype)
+            for name, value in self.data.arrays.items()
+        }
+
+        def loss(params, rest, batch):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            model.train()  # as in the train step: batch norm on batch statistics
+            return jnp.mean(self.loss_fn(model, batch)["loss"])
+
+        return flops.training_flops(loss, params, rest, batch)
+
 
 # ----------------------------------------------------------------------------- pure JAX
 
 PureParams = dict[str, list[tuple[jax.Array, jax.Array]]]
+# (params, extra, x, y) -> (mean loss, new extra); `extra` is state the forward pass
+# updates without gradients (batch-norm statistics), () when there is none.
+PureLoss = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+class PureModel(NamedTuple):
+    """What the pure-JAX loop trains: initial `params`, carried `extra` state, the loss."""
+
+    params: Any
+    extra: Any
+    loss: PureLoss
 
 
 def init_pure_params(spec: ModelSpec, key: jax.Array) -> PureParams:
     """{"conv": [(kernel HWIO, bias)], "dense": [(kernel, bias)]}, scaled normal init."""
-    if spec.is_cnn:
+    if spec.family == "cnn":
         conv_sizes, dense_sizes = [1, 32, 64], [7 * 7 * 64, 128, NUM_CLASSES]
     else:
-        conv_sizes, dense_sizes = [], [spec.example_shape[0], *spec.hidden, NUM_CLASSES]
+        conv_sizes, dense_sizes = [], [spec.sizes["inputs"], *spec.hidden, NUM_CLASSES]
     keys = iter(jax.random.split(key, len(conv_sizes) + len(dense_sizes)))
 
     def layer(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -297,9 +577,38 @@ def pure_forward(params: PureParams, x: jax.Array, cpu_kernels: bool = False) ->
     return x @ kernel + bias
 
 
+def pure_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of logits (..., C) against int labels (...)."""
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None], axis=-1))
+
+
 def pure_loss(params: PureParams, x: jax.Array, y: jax.Array, cpu_kernels: bool) -> jax.Array:
-    log_probs = jax.nn.log_softmax(pure_forward(params, x, cpu_kernels))
-    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+    return pure_xent(pure_forward(params, x, cpu_kernels), y)
+
+
+def make_pure_model(spec: ModelSpec, jdl_model: nnx.Module, cpu_kernels: bool) -> PureModel:
+    """The plain-function network (MLP, CNN), or `jdl_model` split for the loop (the zoo).
+
+    `jdl_model` is not modified; the loop works on copies of its arrays.
+    """
+    if spec.family in PLAIN_FAMILIES:
+        return PureModel(
+            init_pure_params(spec, jax.random.PRNGKey(0)),
+            (),
+            lambda params, extra, x, y: (pure_loss(params, x, y, cpu_kernels), extra),
+        )
+    graphdef, params, extra = nnx.split(jdl_model, nnx.Param, ...)
+
+    def loss(params, extra, x, y):
+        # copy=True: fresh Variables of the current trace, which batch norm may update.
+        model = nnx.merge(graphdef, params, extra, copy=True)
+        model.train()  # batch norm on batch statistics, as in jdl's train step
+        logits = model(x)
+        _, _, extra = nnx.split(model, nnx.Param, ...)  # batch statistics, updated
+        return pure_xent(logits, y), extra
+
+    return PureModel(params, extra, loss)
 
 
 def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array) -> tuple[Any, ...]:
@@ -317,21 +626,24 @@ def pure_adam(params: Any, grads: Any, mu: Any, nu: Any, count: jax.Array) -> tu
     return params, mu, nu, count
 
 
-def make_pure_chunk(setting: Setting) -> Callable:
+def make_pure_chunk(setting: Setting, loss_fn: PureLoss) -> Callable:
     """Jitted `(state, x, y, order, start) -> (state, losses)`, state donated.
 
-    Runs `length` steps on the batches `order[start : start + length]` (rows of example
-    indices), gathered on the device. Like jdl's chunks: straight-line steps when `unroll`
-    is True or >= `length`, else a `lax.scan` with that unroll.
+    `state` is `(params, extra, mu, nu, count)`. Runs `length` steps on the batches
+    `order[start : start + length]` (rows of example indices), gathered on the device.
+    Like jdl's chunks: straight-line steps when `unroll` is True or >= `length`, else a
+    `lax.scan` with that unroll.
     """
 
-    length, unroll, cpu_kernels = setting
+    length, unroll, _ = setting
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_chunk(state, x, y, order, start):
         def one_step(state, indices):
-            params, mu, nu, count = state
-            loss, grads = jax.value_and_grad(pure_loss)(params, x[indices], y[indices], cpu_kernels)
-            return pure_adam(params, grads, mu, nu, count), loss
+            params, extra, mu, nu, count = state
+            (loss, extra), grads = grad_fn(params, extra, x[indices], y[indices])
+            params, mu, nu, count = pure_adam(params, grads, mu, nu, count)
+            return (params, extra, mu, nu, count), loss
 
         rows = lax.dynamic_slice_in_dim(order, start, length)
         if unroll is True or unroll >= length:
@@ -346,24 +658,33 @@ def make_pure_chunk(setting: Setting) -> Callable:
 
 
 class PureJaxPeer:
-    """The hand-written JAX loop, run with jdl's setting (K steps per dispatch, unroll)."""
+    """The hand-written JAX loop, run with jdl's setting (K steps per dispatch, unroll).
+
+    For the zoo models it trains jdl's own NNX module (split once, merged inside the
+    jitted chunk, starting from the jdl peer's initial weights), so the same network
+    runs in both and the ratio measures what jdl's loop, step and optimizer cost around
+    it. Batch-norm statistics are carried from step to step as jdl carries them.
+    """
 
     name = "pure_jax"
 
     def __init__(
         self,
         spec: ModelSpec,
+        jdl_model: nnx.Module,
         arrays: Arrays,
         batch_size: int,
         setting: Setting,
         epoch_steps: int,
     ):
-        params = init_pure_params(spec, jax.random.PRNGKey(0))
+        params, extra, loss_fn = make_pure_model(spec, jdl_model, setting.cpu_kernels)
+        # Own buffers (the chunk donates them): jdl's model keeps its arrays.
+        params, extra = jax.tree.map(jnp.array, (params, extra))
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        self.state = (params, zeros(), zeros(), jnp.zeros((), jnp.float32))
+        self.state = (params, extra, zeros(), zeros(), jnp.zeros((), jnp.float32))
         self.x, self.y = jax.device_put(arrays["x"]), jax.device_put(arrays["y"])
         self.length = setting.steps_per_dispatch
-        self.train_chunk = make_pure_chunk(setting)
+        self.train_chunk = make_pure_chunk(setting, loss_fn)
         num = epoch_steps * batch_size
         self.shuffle = jax.jit(  # one permutation per epoch, as rows of batch indices
             lambda key: jax.random.permutation(key, num).reshape(epoch_steps, batch_size)
@@ -392,8 +713,11 @@ class PureJaxPeer:
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def build_torch_model(spec: ModelSpec) -> nn.Module:
-    if spec.is_cnn:
+def build_torch_model(spec: ModelSpec, sizes: Sizes | None = None) -> nn.Module:
+    """The torch twin of the jdl network (NCHW for the CNN and the ResNet)."""
+    sizes = spec.sizes if sizes is None else sizes
+    family = spec.family
+    if family == "cnn":
         return nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1),
             nn.ReLU(),
@@ -406,25 +730,62 @@ def build_torch_model(spec: ModelSpec) -> nn.Module:
             nn.ReLU(),
             nn.Linear(128, NUM_CLASSES),
         )
-    sizes = [spec.example_shape[0], *spec.hidden]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(sizes[-1], NUM_CLASSES))
+    if family == "mlp":
+        widths = [sizes["inputs"], *sizes["hidden"]]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(widths[-1], NUM_CLASSES))
+    if family == "resnet":
+        return twins.TorchResNet(sizes["stage_sizes"], NUM_CLASSES, width=sizes["width"])
+    if family == "lstm":
+        return twins.TorchCharLM(
+            sizes["vocab_size"], sizes["embed_dim"], sizes["hidden_size"], sizes["num_layers"]
+        )
+    if family == "gpt":
+        return twins.TorchGPT(**_gpt_sizes(sizes))
+    if family == "vit":
+        return twins.TorchViT(in_channels=3, num_classes=NUM_CLASSES, **sizes)
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def torch_inputs(spec: ModelSpec, x: np.ndarray) -> torch.Tensor:
+    """Inputs as torch wants them: NCHW images for convolutions, int64 token ids."""
+    if spec.family in ("cnn", "resnet"):
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    tensor = torch.from_numpy(np.ascontiguousarray(x))
+    return tensor.long() if spec.is_language_model else tensor
 
 
 class TorchPeer:
-    """PyTorch on pre-made batch tensors, eager or with the whole step under torch.compile."""
+    """PyTorch on pre-made batch tensors, eager or with the whole step under torch.compile.
 
-    def __init__(self, spec: ModelSpec, arrays: Arrays, batch_size: int, compiled: bool):
+    Raises ValueError when the torch network's trainable parameter count differs from
+    `expected_params` (jdl's): the two would not be the same architecture.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        sizes: Sizes,
+        arrays: Arrays,
+        batch_size: int,
+        compiled: bool,
+        expected_params: int | None = None,
+    ):
         self.name = "torch_compile" if compiled else "torch_eager"
         torch.manual_seed(0)
-        self.model = build_torch_model(spec)
+        self.model = build_torch_model(spec, sizes)
+        self.num_params = twins.count_trainable(self.model)
+        if expected_params is not None and self.num_params != expected_params:
+            raise ValueError(
+                f"{spec.name}: the torch network has {self.num_params:,} trainable "
+                f"parameters, jdl's {expected_params:,}; the architectures differ"
+            )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=LEARNING_RATE, betas=(ADAM_B1, ADAM_B2), eps=ADAM_EPS
         )
-        x = arrays["x"].transpose(0, 3, 1, 2) if spec.is_cnn else arrays["x"]  # NHWC -> NCHW
-        inputs = torch.from_numpy(np.ascontiguousarray(x)).split(batch_size)
+        inputs = torch_inputs(spec, arrays["x"]).split(batch_size)
         labels = torch.from_numpy(arrays["y"].astype(np.int64)).split(batch_size)
         self.batches = list(zip(inputs, labels, strict=True))  # views of contiguous rows
         self.step = torch.compile(self._train_step) if compiled else self._train_step
@@ -432,7 +793,8 @@ class TorchPeer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
+        logits = self.model(x)  # (B, C), or (B, T, V) for a language model
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -456,13 +818,22 @@ class TorchPeer:
 
 @dataclasses.dataclass
 class ModelResult:
-    """Samples/s per peer and repeat, and why a peer has none."""
+    """Samples/s per peer and repeat, why a peer has none, and what MFU needs.
+
+    Attributes:
+      flops_per_step: model FLOPs of one training step (3 x forward matmul/conv FLOPs).
+      batch_size: samples per step.
+      peak_flops: the machine's measured matmul peak, FLOP/s.
+    """
 
     name: str
     steps: int
     setting: Setting
     rates: dict[str, list[float]]
     unavailable: dict[str, str]
+    flops_per_step: float
+    batch_size: int
+    peak_flops: float
 
     def median(self, peer: str) -> float:
         values = self.rates.get(peer)
@@ -471,24 +842,39 @@ class ModelResult:
     def ratio(self, peer: str) -> float:
         return self.median("jdl") / self.median(peer)
 
+    @property
+    def mfu(self) -> float:
+        """jdl's model FLOP/s over the peak."""
+        steps_per_second = self.median("jdl") / self.batch_size
+        return self.flops_per_step * steps_per_second / self.peak_flops
+
     def result_line(self) -> str:
         return (
-            f"RESULT model={self.name} jdl_samples_per_s={self.median('jdl'):.1f} "
+            f"RESULT model={self.name} jdl_samples_per_s={format_rate(self.median('jdl'))} "
             f"vs_pure_jax={self.ratio('pure_jax'):.3f} "
             f"vs_torch_eager={self.ratio('torch_eager'):.3f} "
-            f"vs_torch_compile={self.ratio('torch_compile'):.3f}"
+            f"vs_torch_compile={self.ratio('torch_compile'):.3f} "
+            f"mfu={self.mfu:.4g}"
         )
+
+
+def format_rate(value: float, grouped: bool = False) -> str:
+    """One decimal from 100 up (thousands grouped if asked), 4 significant digits below."""
+    if value >= 100:
+        return f"{value:,.1f}" if grouped else f"{value:.1f}"
+    return f"{value:.4g}"
 
 
 def choose_jdl_peer(
     spec: ModelSpec,
+    sizes: Sizes,
     arrays: Arrays,
     batch_size: int,
     candidates: Sequence[Setting],
     tune_steps: int,
 ) -> JdlPeer:
     """The warmed-up jdl peer with the fastest of the `candidates` settings, printed."""
-    peers = [JdlPeer(spec, arrays, batch_size, setting) for setting in candidates]
+    peers = [JdlPeer(spec, sizes, arrays, batch_size, setting) for setting in candidates]
     for peer in peers:
         peer.warm_up()
     if len(peers) == 1:
@@ -501,7 +887,8 @@ def choose_jdl_peer(
             peer_rates.append(steps * batch_size / peer.time_steps(steps))
     medians = [statistics.median(peer_rates) for peer_rates in rates]
     tried = ", ".join(
-        f"{peer.setting}: {rate:,.0f}" for peer, rate in zip(peers, medians, strict=True)
+        f"{peer.setting}: {format_rate(rate, grouped=True)}"
+        for peer, rate in zip(peers, medians, strict=True)
     )
     print(f"  jdl settings tried (samples/s, median of {TUNE_REPEATS}): {tried}", flush=True)
     return peers[medians.index(max(medians))]
@@ -509,6 +896,7 @@ def choose_jdl_peer(
 
 def make_peers(
     spec: ModelSpec,
+    sizes: Sizes,
     arrays: Arrays,
     batch_size: int,
     jdl_peer: JdlPeer,
@@ -516,22 +904,38 @@ def make_peers(
     torch_compile: bool,
 ) -> tuple[list[Peer], dict[str, str]]:
     """The warmed-up peers (jdl first), and {peer: reason} for those that could not run."""
+    torch_peer = lambda compiled: TorchPeer(
+        spec, sizes, arrays, batch_size, compiled, expected_params=jdl_peer.num_params
+    )
     factories: dict[str, Callable[[], Peer]] = {
-        "pure_jax": lambda: PureJaxPeer(spec, arrays, batch_size, jdl_peer.setting, epoch_steps),
-        "torch_eager": lambda: TorchPeer(spec, arrays, batch_size, compiled=False),
-        "torch_compile": lambda: TorchPeer(spec, arrays, batch_size, compiled=True),
+        "jdl_norms": lambda: JdlPeer(
+            spec, sizes, arrays, batch_size, jdl_peer.setting, norm_metrics=True
+        ),
+        "pure_jax": lambda: PureJaxPeer(
+            spec, jdl_peer.model, arrays, batch_size, jdl_peer.setting, epoch_steps
+        ),
+        "torch_eager": lambda: torch_peer(False),
+        "torch_compile": lambda: torch_peer(True),
     }
     peers: list[Peer] = [jdl_peer]
     unavailable: dict[str, str] = {}
     for name, factory in factories.items():
+        if name == "jdl_norms" and spec.family not in PLAIN_FAMILIES:
+            continue  # big models: two norms per step are noise next to the model
         if name == "torch_compile" and not torch_compile:
             unavailable[name] = "skipped (--no-torch-compile)"
             continue
         peer = start_peer(name, factory)
         if isinstance(peer, str):
             unavailable[name] = peer
-        else:
-            peers.append(peer)
+            continue
+        peers.append(peer)
+        if name == "torch_eager":
+            print(
+                f"  trainable parameters: jdl {jdl_peer.num_params:,}, "
+                f"torch {peer.num_params:,} (equal)",
+                flush=True,
+            )
     return peers, unavailable
 
 
@@ -563,33 +967,62 @@ def measure(
     return rates
 
 
-def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
+def resolve_sizes(spec: ModelSpec, quick: bool, seq_len: int | None) -> Sizes:
+    """The model's sizes for this run: quick or full, `seq_len` applied to language models.
+
+    Raises ValueError when `seq_len` is out of range (below 2, or above GPT's context).
+    """
+    sizes = dict(spec.quick_sizes if quick and spec.quick_sizes else spec.sizes)
+    if seq_len is not None and spec.is_language_model:
+        limit = sizes.get("max_len", math.inf)
+        if not 2 <= seq_len <= limit:
+            raise ValueError(f"--seq-len {seq_len} must be in [2, {limit}] for {spec.name}")
+        sizes["seq_len"] = seq_len
+    return sizes
+
+
+def benchmark_model(spec: ModelSpec, args: argparse.Namespace, peak_flops: float) -> ModelResult:
+    """Builds, warms up and times every peer of one model; prints the detail lines."""
+    sizes = resolve_sizes(spec, args.quick, args.seq_len)
+    batch_size = args.batch_size or spec.batch_size
     epoch_steps = args.epoch_steps or spec.epoch_steps
     candidates = args.settings or spec.settings
     if any(epoch_steps % setting.steps_per_dispatch for setting in candidates):
         raise ValueError(f"every K of {candidates} must divide the epoch ({epoch_steps} steps)")
     # Whole epochs: the pure-JAX loop and jdl run the same whole chunks.
     steps = -(-(args.steps or spec.default_steps) // epoch_steps) * epoch_steps
+    samples = f"sequences of {sizes['seq_len']} tokens" if spec.is_language_model else "examples"
     print(
-        f"model {spec.name}: {spec.description}; batch {args.batch_size}, "
+        f"model {spec.name}: {spec.describe(sizes)}; batch {batch_size} ({samples}), "
         f"{epoch_steps} batches of data, {steps} timed steps per repeat",
         flush=True,
     )
-    arrays = make_data(spec, args.batch_size, epoch_steps)
+    arrays = make_data(spec, batch_size, epoch_steps, sizes)
     start = time.perf_counter()
-    jdl_peer = choose_jdl_peer(spec, arrays, args.batch_size, candidates, steps // 4)
+    jdl_peer = choose_jdl_peer(spec, sizes, arrays, batch_size, candidates, steps // 4)
     print(
         f"  jdl: compiled, warmed up and tuned in {time.perf_counter() - start:.1f} s", flush=True
     )
+    print(f"  settings: jdl.fit {jdl_peer.setting}; pure_jax the same", flush=True)
+    flops_per_step = jdl_peer.flops_per_step()
     print(
-        f"  settings: jdl.fit {jdl_peer.setting}; pure_jax the same",
+        f"  model FLOPs/step: {flops_per_step / 1e9:.4g} GFLOP (3 x forward matmul/conv FLOPs)",
         flush=True,
     )
     peers, unavailable = make_peers(
-        spec, arrays, args.batch_size, jdl_peer, epoch_steps, args.torch_compile
+        spec, sizes, arrays, batch_size, jdl_peer, epoch_steps, args.torch_compile
     )
-    rates = measure(peers, steps, args.batch_size, args.repeats)
-    result = ModelResult(spec.name, steps, jdl_peer.setting, rates, unavailable)
+    rates = measure(peers, steps, batch_size, args.repeats)
+    result = ModelResult(
+        spec.name,
+        steps,
+        jdl_peer.setting,
+        rates,
+        unavailable,
+        flops_per_step=flops_per_step,
+        batch_size=batch_size,
+        peak_flops=peak_flops,
+    )
     print_rates(result)
     if not args.quick:
         print_fit_call_cost(jdl_peer, result.median("jdl"))
@@ -598,23 +1031,50 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace) -> ModelResult:
 
 def print_rates(result: ModelResult) -> None:
     for name in PEERS:
+        if name == "jdl_norms" and name not in result.rates:
+            continue
         if name in result.rates:
-            runs = ", ".join(f"{value:,.0f}" for value in result.rates[name])
-            print(f"  {name:13s} {result.median(name):>10,.0f} samples/s (repeats: {runs})")
+            runs = ", ".join(format_rate(value, grouped=True) for value in result.rates[name])
+            median = format_rate(result.median(name), grouped=True)
+            print(f"  {name:13s} {median:>10s} samples/s (repeats: {runs})")
         else:
             print(f"  {name:13s} {'nan':>10s} ({result.unavailable[name]})")
+    if "jdl_norms" in result.rates:
+        print(
+            "  jdl_norms (make_train_step's default grad/param norm metrics): "
+            f"{result.median('jdl_norms') / result.median('pure_jax'):.3f} of pure_jax, "
+            f"{result.median('jdl_norms') / result.median('jdl'):.3f} of jdl without them"
+        )
+    achieved = result.flops_per_step * result.median("jdl") / result.batch_size
+    print(
+        f"  jdl: {achieved / 1e9:,.1f} model GFLOP/s of a {result.peak_flops / 1e9:,.1f} "
+        f"GFLOP/s peak: mfu {result.mfu:.4g}",
+        flush=True,
+    )
 
 
 def print_fit_call_cost(jdl_peer: JdlPeer, samples_per_second: float) -> None:
-    """What a fresh `fit` call costs on top of its steps: it compiles its own program."""
+    """What one `fit` call costs on top of its steps (its program comes from the cache)."""
     length = jdl_peer.setting.steps_per_dispatch
     seconds = jdl_peer.fit_seconds(length)
     outside = seconds - length * jdl_peer.data.batch_size / samples_per_second
     print(
-        f"  jdl.fit compiles its chunk program on every call: a fresh fit of {length} steps "
-        f"took {seconds:.1f} s, {outside:.1f} s of it outside the steps",
+        f"  a jdl.fit call of {length} steps (program cached) took {seconds:.2f} s, "
+        f"{outside:.2f} s of it outside the steps",
         flush=True,
     )
+
+
+def measure_peak(size: int) -> float:
+    """The machine's fp32 matmul peak, FLOP/s: the better of XLA and torch (printed)."""
+    xla = flops.matmul_peak_xla(size, PEAK_REPEATS)
+    torch_rate = flops.matmul_peak_torch(size, PEAK_REPEATS)
+    print(
+        f"peak: xla={xla / 1e9:.1f} GFLOP/s torch={torch_rate / 1e9:.1f} GFLOP/s "
+        f"(matmul {size}x{size} fp32)",
+        flush=True,
+    )
+    return max(xla, torch_rate)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -658,7 +1118,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=0, help="timed steps per repeat (default: per model)"
     )
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch size (default: per model)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length of the language models (default: lstm 64, gpt_small 128)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--settings",
@@ -674,6 +1142,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch threads (default: the usable CPU cores)",
     )
     parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help=f"N of the N x N fp32 matmul that measures the peak (default {PEAK_SIZE})",
+    )
+    parser.add_argument(
         "--no-torch-compile",
         dest="torch_compile",
         action="store_false",
@@ -682,25 +1156,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny smoke run: 10 steps of batch 16, one repeat, K=5 unroll=1",
+        help="tiny smoke run: tiny zoo models, 10 steps of batch 16, one repeat, K=5 unroll=1",
     )
     args = parser.parse_args(argv)
     args.epoch_steps = 0  # per model
     if args.quick:
         args.steps = args.steps or QUICK["steps"]
-        args.batch_size, args.repeats = QUICK["batch_size"], QUICK["repeats"]
+        args.batch_size = args.batch_size or QUICK["batch_size"]
+        args.repeats = QUICK["repeats"]
         args.epoch_steps, args.settings = QUICK["epoch_steps"], args.settings or QUICK["settings"]
+        args.peak_size = args.peak_size or QUICK["peak_size"]
+    args.peak_size = args.peak_size or PEAK_SIZE
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    if args.steps < 0 or args.batch_size < 1 or args.repeats < 1 or args.threads < 1:
-        parser.error("--steps must be >= 0; --batch-size, --repeats and --threads >= 1")
+    if args.steps < 0 or args.repeats < 1 or args.threads < 1 or args.peak_size < 1:
+        parser.error("--steps must be >= 0; --repeats, --threads and --peak-size >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    for name in args.models:
+        try:
+            resolve_sizes(MODELS[name], args.quick, args.seq_len)
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
-    """Runs the benchmark: detail lines, then one RESULT line per model."""
+    """Runs the benchmark: the peak, detail lines, then one RESULT line per model."""
     args = parse_args(argv)
     print(
         f"jdl {jdl.__version__} training throughput; jax {jax.__version__} "
@@ -710,8 +1194,9 @@ def main(argv: Sequence[str] | None = None) -> list[ModelResult]:
     )
     results = []
     with torch_threads(args.threads):
+        peak_flops = measure_peak(args.peak_size)
         for name in args.models:
-            results.append(benchmark_model(MODELS[name], args))
+            results.append(benchmark_model(MODELS[name], args, peak_flops))
             print(results[-1].result_line(), flush=True)
     return results
 
