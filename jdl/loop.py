@@ -119,9 +119,12 @@ def fit(
       early_stopping_patience: stop after this many evaluations without a new best
         (0: never).
       steps_per_dispatch: training steps per compiled chunk.
-      unroll: True (default) writes a chunk's steps out in full; an int uses a `lax.scan`
-        with that unroll factor (faster compiles for long chunks of small dense models;
-        slow for convolutions on CPU, see `make_chunk_runner`).
+      unroll: True (default) writes a chunk's steps out in full; an int U runs them in a
+        rolled loop of U steps per iteration that skips nothing it need not run
+        (faster compiles and no per-step select: best for dense models; slow for
+        convolutions on CPU, see `make_chunk_runner`). With U=1 results do not depend
+        on where log/eval/checkpoint boundaries cut chunks; with U > 1 they may differ
+        in the last bits when a boundary is not a multiple of U.
       progress: show a progress bar.
       mesh: train on this device mesh (see `jdl.parallel`): the state is placed by
         `sharding_rules` (replicated, or FSDP-sharded when the mesh has an `fsdp` axis),
@@ -252,12 +255,13 @@ def make_chunk_runner(
     """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
 
     Steps at or past `stop` leave the state unchanged, so one program serves every
-    chunk, including those cut short by a log or eval boundary: with `unroll=1` the
-    program is a `while` loop that runs only the steps before `stop`; otherwise every
-    step runs and the updates of those past `stop` are discarded with a select. Either
-    way the example indices of the whole chunk are computed before the loop. Returned
-    metrics are stacked per step, shape (length,), zero where skipped. The state
-    argument is donated.
+    chunk, including those cut short by a log or eval boundary. With an integer
+    `unroll` < `length` the program is a rolled `while` loop (blocks of `unroll` steps)
+    that runs only the steps before `stop`; written out in full, every step runs and
+    the updates of those past `stop` are discarded with a select. Either way the example
+    indices of the whole chunk are computed before the loop. Returned metrics are
+    stacked per step, shape (length,), zero where skipped. The state argument is
+    donated.
 
     For a `StreamingData` the program is `(state, batches, stop)` instead, with
     `batches` the tuple of `length` batches from `data.chunk_inputs`; both kinds are
@@ -384,16 +388,17 @@ def _run_steps(one_step: Callable, state: TrainState, xs, stop, length: int, unr
     Returns the state and the metrics stacked per step, shape (length, ...), zero for
     steps at or past `stop` (which leave the state unchanged).
 
-    - `unroll=1`: a `while` loop over exactly the steps to take (a traced trip count),
-      so nothing is computed for skipped steps and nothing is selected: the body is
-      the train step alone, and a cut chunk runs the very same compiled body.
-    - otherwise (`True`: straight-line code; an int > 1: a `lax.scan` with that unroll)
-      every step runs, and the steps at or past `stop` are discarded with a select of
-      the state. Straight-line code is what convolutions need on XLA:CPU (see
-      `make_chunk_runner`); a dynamic trip count cannot be written out in full.
+    - `unroll` an int smaller than `length` (a rolled loop): `while` loops over exactly
+      the steps to take (a traced trip count), so nothing is computed for skipped steps
+      and nothing is selected. The body holds `unroll` steps; a count that is not a
+      multiple of it ends with single steps in a second loop. With `unroll=1` every step
+      of every chunk, cut or not, runs the very same compiled body.
+    - `True` or >= `length` (straight-line code, what convolutions need on XLA:CPU; see
+      `make_chunk_runner`): every step runs and the steps at or past `stop` are
+      discarded with a select of the state, as a trip count cannot be written out.
     """
-    if unroll is not True and unroll == 1:
-        return _run_steps_while(one_step, state, xs, stop, length)
+    if unroll is not True and unroll < length:
+        return _run_steps_while(one_step, state, xs, stop, length, unroll)
 
     def masked_step(state, x):
         active = state.step < stop
@@ -401,30 +406,36 @@ def _run_steps(one_step: Callable, state: TrainState, xs, stop, length: int, unr
         state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return state, jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
 
-    if unroll is True or unroll >= length:
-        per_step = []
-        for i in range(length):
-            state, metrics = masked_step(state, jax.tree.map(lambda x, i=i: x[i], xs))
-            per_step.append(metrics)
-        return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
-    return jax.lax.scan(masked_step, state, xs, unroll=unroll)
+    per_step = []
+    for i in range(length):
+        state, metrics = masked_step(state, jax.tree.map(lambda x, i=i: x[i], xs))
+        per_step.append(metrics)
+    return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
 
 
-def _run_steps_while(one_step: Callable, state: TrainState, xs, stop, length: int):
-    """`_run_steps` as a `while` loop of `clip(stop - step, 0, length)` iterations."""
+def _run_steps_while(one_step: Callable, state: TrainState, xs, stop, length: int, unroll: int):
+    """`_run_steps` as `while` loops over the `clip(stop - step, 0, length)` steps to take."""
     first = jax.tree.map(lambda x: x[0], xs)
     metric_shapes = jax.eval_shape(one_step, state, first)[1]
     stacked = jax.tree.map(lambda m: jnp.zeros((length, *m.shape), m.dtype), metric_shapes)
-    start = state.step
+    count = jnp.clip(stop - state.step, 0, length)
 
-    def body(i, carry):
+    def step_at(i, carry):
         state, stacked = carry
         state, metrics = one_step(state, jax.tree.map(lambda x: x[i], xs))
         stacked = jax.tree.map(lambda buffer, value: buffer.at[i].set(value), stacked, metrics)
         return state, stacked
 
-    count = jnp.clip(stop - start, 0, length)
-    return jax.lax.fori_loop(0, count, body, (state, stacked))
+    def block_at(block, carry):  # `unroll` steps written out: XLA may fuse across them
+        for offset in range(unroll):
+            carry = step_at(block * unroll + offset, carry)
+        return carry
+
+    blocks = count // unroll
+    carry = jax.lax.fori_loop(0, blocks, block_at, (state, stacked))
+    if unroll > 1:
+        carry = jax.lax.fori_loop(blocks * unroll, count, step_at, carry)
+    return carry
 
 
 def make_evaluator(

@@ -201,10 +201,21 @@ def test_rolled_loop_runs_only_the_steps_it_should(tmp_path, log_every):
     )
 
 
+@pytest.mark.parametrize("unroll", [3, 5])
+def test_rolled_blocks_train_the_same_steps(unroll):
+    # Blocks of `unroll` steps per loop iteration, single steps for the rest of a cut
+    # chunk: the same training as one step per iteration, up to rounding.
+    reference = _fit(_state(), num_steps=30, steps_per_dispatch=8, unroll=1)
+    blocks = _fit(_state(), num_steps=30, steps_per_dispatch=8, unroll=unroll)
+    assert blocks.step == 30
+    for a, b in zip(_leaves(reference.state), _leaves(blocks.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_rolled_chunk_metrics_are_zero_past_the_stop():
     data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
-    runner = jdl.make_chunk_runner(jdl.make_train_step(jdl.classification_loss()), data, 8, 1)
-    state, metrics = runner(_state(), data.arrays, jnp.int32(5))
+    runner = jdl.make_chunk_runner(jdl.make_train_step(jdl.classification_loss()), data, 8, 3)
+    state, metrics = runner(_state(), data.arrays, jnp.int32(5))  # a block of 3, then 2 steps
     assert int(state.step) == 5
     losses = np.asarray(metrics["loss"])
     assert losses.shape == (8,) and np.all(losses[:5] > 0) and np.all(losses[5:] == 0)
