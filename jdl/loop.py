@@ -325,20 +325,19 @@ def _build_chunk_runner(
     unroll: int | bool,
     shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
-    keep_state, keep_batch, keep_scalars = _keepers(shardings)
+    """`(state, arrays, stop) -> (state, metrics)` for batches drawn on the device.
 
-    def run_chunk(state: TrainState, arrays, stop):
-        def one_step(state, indices):
-            state, metrics = train_step(state, keep_batch(data.take_batch(arrays, indices)))
-            return keep_state(state), metrics
-
-        # Every step's example indices, before the loop: the loop body only gathers (no
-        # reshuffle conditional, no permutation in the carry).
-        indices = data.chunk_indices(state.step, length)  # (length, B)
-        state, metrics = _run_steps(one_step, state, indices, stop, length, unroll)
-        return keep_state(state), keep_scalars(metrics)  # a scan body's constraint ends inside
-
-    return jax.jit(run_chunk, donate_argnums=(0,))
+    Every step's example indices are computed before the loop (`chunk_indices`), so the
+    loop body only gathers its rows: no reshuffle conditional, no permutation carried.
+    """
+    return _build_chunk_program(
+        train_step,
+        length,
+        unroll,
+        shardings,
+        steps_inputs=lambda state, arrays: data.chunk_indices(state.step, length),
+        batch_of=data.take_batch,
+    )
 
 
 def _build_streaming_chunk_runner(
@@ -354,17 +353,42 @@ def _build_streaming_chunk_runner(
     nothing, metrics are stacked per step, the state is donated, and one compile serves
     every chunk. The batches are not donated: a short chunk repeats its last batch.
     """
+    return _build_chunk_program(
+        train_step,
+        length,
+        unroll,
+        shardings,
+        steps_inputs=lambda state, batches: jax.tree.map(
+            lambda *values: jnp.stack(values), *batches
+        ),
+        batch_of=lambda batches, batch: batch,
+    )
 
+
+def _build_chunk_program(
+    train_step: TrainStep,
+    length: int,
+    unroll: int | bool,
+    shardings: parallel.ChunkShardings | None,
+    *,
+    steps_inputs: Callable,
+    batch_of: Callable,
+) -> Callable:
+    """The jitted, state-donating `(state, data, stop) -> (state, metrics)` of a chunk.
+
+    `steps_inputs(state, data)` gives the per-step inputs, leading axis `length`, before
+    the loop; `batch_of(data, inputs[i])` is step i's batch.
+    """
     keep_state, keep_batch, keep_scalars = _keepers(shardings)
 
-    def run_chunk(state: TrainState, batches, stop):
-        def one_step(state, batch):
-            state, metrics = train_step(state, keep_batch(batch))
+    def run_chunk(state: TrainState, data, stop):
+        def one_step(state, step_input):
+            state, metrics = train_step(state, keep_batch(batch_of(data, step_input)))
             return keep_state(state), metrics
 
-        stacked = jax.tree.map(lambda *values: jnp.stack(values), *batches)
-        state, metrics = _run_steps(one_step, state, stacked, stop, length, unroll)
-        return keep_state(state), keep_scalars(metrics)
+        xs = steps_inputs(state, data)
+        state, metrics = _run_steps(one_step, state, xs, stop, length, unroll)
+        return keep_state(state), keep_scalars(metrics)  # a loop body's constraint ends inside
 
     return jax.jit(run_chunk, donate_argnums=(0,))
 
