@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices for sharding tests, fp32 matmuls, quiet logs."""
+"""Test setup: 8 fake CPU devices for sharding tests, quiet logs, parallel test workers."""
 
 import os
 
@@ -8,3 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests must never reach a hub or the network for weights or data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Most of a test's time is single-threaded XLA compilation, so worker processes (pytest-xdist,
+# `-n auto` in pyproject.toml) scale with the cores. Each worker holds its own JAX runtime and
+# compiled programs (about 1-2 GiB), so more than four buys little and costs memory.
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))

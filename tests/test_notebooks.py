@@ -14,6 +14,8 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# The quickstart runs with every test run; the others (30-90 s each on 2 cores) with -m slow.
+FAST_NOTEBOOKS = {"01_quickstart"}
 
 
 def test_there_are_notebooks():
@@ -30,7 +32,14 @@ def test_notebook_is_stored_without_outputs(path):
             )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(path, marks=[] if path.stem in FAST_NOTEBOOKS else [pytest.mark.slow])
+        for path in NOTEBOOKS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_and_checks_itself(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     last_code = [cell for cell in notebook.cells if cell.cell_type == "code"][-1]
