@@ -137,10 +137,7 @@ class MultiHeadAttention(nnx.Module):
           float (B, T, C).
         """
         q, k, v = self._project(x)  # each (B, T, H, D)
-        if self.rotary:
-            positions = jnp.arange(x.shape[1])
-            q = apply_rotary(q, positions, base=self.rope_base)
-            k = apply_rotary(k, positions, base=self.rope_base)
+        q, k = self._rotate(q, k, jnp.arange(x.shape[1]))
         key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         y = jax.nn.dot_product_attention(
             q, k, v, mask=key_mask, is_causal=self.causal, implementation=self.implementation
@@ -174,9 +171,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError("decode needs causal attention")
         q, k, v = self._project(x)  # each (B, S, H, D)
         positions = position + jnp.arange(x.shape[1])  # (S,)
-        if self.rotary:
-            q = apply_rotary(q, positions, base=self.rope_base)
-            k = apply_rotary(k, positions, base=self.rope_base)
+        q, k = self._rotate(q, k, positions)
         start = (0, jnp.asarray(position, jnp.int32), 0, 0)
         cache = KVCache(
             jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
@@ -197,6 +192,15 @@ class MultiHeadAttention(nnx.Module):
         batch, length, _ = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, D)
+
+    def _rotate(
+        self, q: jax.Array, k: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Queries and keys (B, T, H, D) at `positions` (T,), rotated when `rotary`."""
+        if not self.rotary:
+            return q, k
+        rotate = functools.partial(apply_rotary, positions=positions, base=self.rope_base)
+        return rotate(q), rotate(k)
 
     def _merge_heads(self, y: jax.Array) -> jax.Array:
         y = self.out(y.reshape(*y.shape[:2], -1))  # (B, T, H * D) -> (B, T, C)
@@ -322,6 +326,15 @@ def checkpointed_block(
     return block(x, mask=mask)
 
 
+def block_stack(num_layers: int, embed_dim: int, num_heads: int, **options) -> nnx.List:
+    """`num_layers` `TransformerBlock(embed_dim, num_heads, **options)`, built first to last.
+
+    Built in order, so the blocks draw their initial parameters from `options["rngs"]` in
+    layer order (as a list comprehension would).
+    """
+    return nnx.List([TransformerBlock(embed_dim, num_heads, **options) for _ in range(num_layers)])
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT
 # ---------------------------------------------------------------------------------------------
@@ -384,23 +397,19 @@ class GPT(nnx.Module):
             else None
         )
         self.dropout = _dropout(dropout, rngs)
-        self.blocks = nnx.List(
-            [
-                TransformerBlock(
-                    embed_dim,
-                    num_heads,
-                    causal=True,
-                    mlp_ratio=mlp_ratio,
-                    dropout=dropout,
-                    activation=activation,
-                    rotary=positions == "rotary",
-                    kernel_init=init,
-                    residual_init=residual_init,
-                    layer_norm_eps=layer_norm_eps,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
+        self.blocks = block_stack(
+            num_layers,
+            embed_dim,
+            num_heads,
+            causal=True,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            activation=activation,
+            rotary=positions == "rotary",
+            kernel_init=init,
+            residual_init=residual_init,
+            layer_norm_eps=layer_norm_eps,
+            rngs=rngs,
         )
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = (
@@ -680,20 +689,16 @@ class EncoderClassifier(nnx.Module):
             else None
         )
         self.dropout = _dropout(dropout, rngs)
-        self.blocks = nnx.List(
-            [
-                TransformerBlock(
-                    embed_dim,
-                    num_heads,
-                    causal=False,
-                    mlp_ratio=mlp_ratio,
-                    dropout=dropout,
-                    rotary=positions == "rotary",
-                    kernel_init=init,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
+        self.blocks = block_stack(
+            num_layers,
+            embed_dim,
+            num_heads,
+            causal=False,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            rotary=positions == "rotary",
+            kernel_init=init,
+            rngs=rngs,
         )
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
         self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdl.models.transformer import LAYER_NORM_EPS, TransformerBlock, checkpointed_block
+from jdl.models.transformer import LAYER_NORM_EPS, block_stack, checkpointed_block
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -86,21 +86,17 @@ class ViT(nnx.Module):
         self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim)))
         self.position_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, embed_dim)))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-        self.blocks = nnx.List(
-            [
-                TransformerBlock(
-                    embed_dim,
-                    num_heads,
-                    causal=False,
-                    mlp_ratio=mlp_ratio,
-                    dropout=dropout,
-                    activation=activation,
-                    kernel_init=init,
-                    layer_norm_eps=layer_norm_eps,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
+        self.blocks = block_stack(
+            num_layers,
+            embed_dim,
+            num_heads,
+            causal=False,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            activation=activation,
+            kernel_init=init,
+            layer_norm_eps=layer_norm_eps,
+            rngs=rngs,
         )
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)
