@@ -391,6 +391,16 @@ def test_nonfinite_inputs_name_the_array_and_first_bad_example(bad):
         jdl.InMemoryData(data, batch_size=32, seed=0)
 
 
+def test_streaming_arrays_with_nonfinite_inputs_are_named_before_training():
+    data = faults_worker.blobs()
+    data["x"][21, 1] = np.inf
+    with pytest.raises(
+        NonFiniteDataError,
+        match=r"StreamingData: array 'x' holds inf at example 21 \(position \(21, 1\)\)",
+    ):
+        jdl.StreamingData(data, batch_size=32, seed=0)
+
+
 def test_dataset_rejects_nonfinite_inputs_naming_the_split():
     x = np.zeros((5, 2, 2), np.float32)
     x[3, 1, 0] = np.nan

@@ -364,13 +364,19 @@ class StreamingData:
 
 
 class ArraySource:
-    """A grain random-access source over equal-length host arrays: `source[i] -> {name: row}`."""
+    """A grain random-access source over equal-length host arrays: `source[i] -> {name: row}`.
 
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
+    The arrays are checked once for NaN and infinities (`check_finite`, one pass on the
+    host), as `InMemoryData` checks its arrays: a bad input is named here instead of
+    showing up later as a non-finite loss.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], *, where: str = "StreamingData"):
         sizes = {name: len(value) for name, value in arrays.items()}
         if not sizes or len(set(sizes.values())) != 1:
             raise ValueError(f"arrays must be non-empty and agree in length, got {sizes}")
         self.arrays = {name: np.asarray(value) for name, value in arrays.items()}
+        check_finite(self.arrays, where=where)
         self._length = next(iter(sizes.values()))
 
     def __len__(self) -> int:
