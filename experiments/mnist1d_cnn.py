@@ -14,6 +14,7 @@ loops are slow, see BENCHMARKS.md).
 Expected: test_accuracy about 0.97 (paper: 0.94; without the roll, seed 0 gave 0.946).
 Measured on 2 shared CPU cores (load 14-24), jax 0.10.2: seeds 0/1/2 gave 0.974 / 0.974 /
 0.970 in 163-271 s each, compilation included.
+On the idle 2 cores (2026-11-22) seed 0 takes about 30 s.
 Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds": ...}
 """
 
