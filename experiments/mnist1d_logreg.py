@@ -8,8 +8,7 @@ Data: MNIST-1D generated offline by the `mnist1d` package with its default argum
 Model: softmax regression 40 -> 10 (an `MLP` without hidden layers); Adam 3e-3 with a
 cosine schedule, batch 128, 100 epochs (3,100 steps).
 Expected: test_accuracy about 0.33 (paper: 0.32). Measured on 2 shared CPU cores
-(load 20), jax 0.10.2: seeds 0/1/2 gave 0.331 / 0.334 / 0.317 in 26-87 s each
-
+(load 20), jax 0.10.2: seeds 0/1/2 gave 0.331 / 0.334 / 0.317 in 26-87 s each.
 On the idle 2 cores (2026-11-22) seed 0 takes about 9 s.
 Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds": ...}
 """
