@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -55,6 +56,23 @@ class Precision:
         if not self.is_mixed:
             return tree
         return jax.tree.map(lambda x: _cast_floating(x, self.compute_dtype), tree)
+
+    def adapt(self, model: nnx.Module) -> nnx.Module:
+        """Makes the layers of `model` that fixed a float32 compute dtype use this policy's.
+
+        flax's `nnx.Embed` built without a `dtype` stores its parameter dtype (float32) as
+        its compute dtype, so bfloat16 parameters would be looked up, promoted back to
+        float32, and every layer after the embedding would run in float32. Under a mixed
+        policy, each embedding whose compute dtype is its parameter dtype computes in the
+        policy's dtype instead, as `nnx.Linear` (dtype None) does. Changes `model` in
+        place (the steps call it on the model they just merged) and returns it.
+        """
+        if not self.is_mixed:
+            return model
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.Embed) and module.dtype == module.param_dtype:
+                module.dtype = self.compute_dtype
+        return model
 
 
 def get_policy(precision: str | Precision | None = "fp32") -> Precision:

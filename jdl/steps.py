@@ -115,6 +115,7 @@ def make_train_step(
         def compute_loss(params):
             # The casts are inside the differentiated function: gradients come back fp32.
             model = state.replace(model_state=model_state).model(policy.cast_to_compute(params))
+            policy.adapt(model)
             model.train()
             reseed_all_streams(model, key)
             per_example = loss_fn(model, policy.cast_to_compute(batch))
@@ -197,7 +198,7 @@ def make_eval_step(
     policy = precision_lib.get_policy(precision)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        model = state.model(policy.cast_to_compute(state.params))
+        model = policy.adapt(state.model(policy.cast_to_compute(state.params)))
         model.eval()
         per_example = loss_fn(model, policy.cast_to_compute(batch))
         _check_loss_output(per_example)

@@ -78,6 +78,52 @@ def test_bf16_step_computes_in_bf16_and_keeps_fp32_state():
     assert new_state.step.dtype == jnp.int32
 
 
+def _dot_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    """The operand dtypes of every dot_general in `jaxpr` and the jaxprs inside it."""
+    dtypes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            dtypes.add(tuple(str(var.aval.dtype) for var in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    dtypes |= _dot_operand_dtypes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    dtypes |= _dot_operand_dtypes(sub)
+    return dtypes
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda rngs: jdl.models.gpt_tiny(rngs=rngs),  # untied head: token_embed.attend
+        lambda rngs: jdl.models.GPT(64, 16, 32, 2, 1, tie_embeddings=False, rngs=rngs),
+        lambda rngs: jdl.models.CharLM(64, 16, 32, 1, cell_type="lstm", rngs=rngs),
+    ],
+    ids=["gpt_tied", "gpt_untied", "char_lstm"],
+)
+def test_bf16_models_with_embeddings_multiply_in_bf16(build):
+    # flax's nnx.Embed fixes float32 as its compute dtype when built; the policy must
+    # override it, or everything after the embedding silently runs in float32.
+    from experiments.charlm_common import lm_loss
+
+    model = build(nnx.Rngs(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    batch = {"x": tokens, "y": tokens}
+    state = jdl.TrainState.create(model, optax.adam(1e-3))
+    all_fp32 = ("float32", "float32")
+    for precision in ("bf16", "fp32"):
+        for make_step in (jdl.make_train_step, jdl.make_eval_step):
+            step = make_step(lm_loss(), precision=precision)
+            dots = _dot_operand_dtypes(jax.make_jaxpr(step)(state, batch).jaxpr)
+            if precision == "fp32":
+                assert dots == {all_fp32}
+            else:  # (the backward of jax's attention multiplies its fp32 softmax by bf16)
+                assert ("bfloat16", "bfloat16") in dots and all_fp32 not in dots, dots
+    embeddings = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Embed)]
+    assert embeddings and all(m.dtype == jnp.float32 for m in embeddings)  # model untouched
+
+
 def test_bf16_keeps_batch_norm_statistics_fp32():
     state = _state(_NormNet(rngs=nnx.Rngs(0)))
     step = jax.jit(jdl.make_train_step(jdl.classification_loss(), precision="bf16"))
