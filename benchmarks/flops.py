@@ -115,12 +115,17 @@ def _conv_flops(eqn: jex_core.JaxprEqn) -> int:
 # ----------------------------------------------------------------------------- peak
 
 
-def matmul_peak_xla(size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted `jnp.dot` of two float32 (size, size) matrices."""
-    a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32))
-    b = jax.device_put(np.random.default_rng(1).standard_normal((size, size), np.float32))
-    matmul = jax.jit(jnp.dot)
-    return _best_rate(lambda: matmul(a, b).block_until_ready(), 2 * size**3, repeats)
+def matmul_peak_xla(size: int, repeats: int = 5, dtype: Any = jnp.float32, batch: int = 1) -> float:
+    """Best FLOP/s of a jitted product of `batch` pairs of `dtype` (size, size) matrices.
+
+    On an accelerator one product is over in about a millisecond, so a `batch` of them
+    in one call keeps the dispatch out of the figure.
+    """
+    shape = (batch, size, size)
+    a = jax.device_put(np.random.default_rng(0).standard_normal(shape, np.float32)).astype(dtype)
+    b = jax.device_put(np.random.default_rng(1).standard_normal(shape, np.float32)).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    return _best_rate(lambda: matmul(a, b).block_until_ready(), 2 * batch * size**3, repeats)
 
 
 def matmul_peak_torch(size: int, repeats: int = 5) -> float:

@@ -2,7 +2,7 @@
 
 Command:
     python -m benchmarks.scaling [--devices 1,2,4,8] [--modes dp,fsdp] [--steps 200]
-        [--batch-size 256] [--repeats 3] [--quick]
+        [--batch-size 256] [--repeats 3] [--gpt-mfu auto|on|off] [--quick]
 
 On a CPU-only machine the devices are fake (`--xla_force_host_platform_device_count=8`,
 set here unless XLA_FLAGS already asks for a device count): they all share the same
@@ -21,6 +21,11 @@ repeat times `fit` continuing for `--steps` more steps (the same program, no com
 Each setting's figure is its median over the repeats. One line per setting:
 
     RESULT model=mlp_512 mode=<dp|fsdp> devices=<n> samples_per_s=<x> vs_1_device=<r>
+
+The device counts default to 1, 2, 4, ... up to the devices there are (at most 8). On a GPU
+or TPU (or with `--gpt-mfu on`) it then measures GPT-2 small's bf16 training MFU on one
+device with `benchmarks.gpt_mfu` (its `--gpt-*`, `--precision` and `--peak-*` options
+apply) and prints its RESULT line too.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jdl  # noqa: E402
+from benchmarks import gpt_mfu  # noqa: E402
 from benchmarks.throughput import MODELS, make_data  # noqa: E402
 
 SPEC = MODELS["mlp_512"]
@@ -80,15 +86,28 @@ def time_setting(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
+    parser.add_argument(
+        "--devices", help="device counts, comma-separated (default 1, 2, 4, ... up to 8)"
+    )
     parser.add_argument("--modes", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per repeat")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=10, help="steps per dispatch")
+    parser.add_argument(
+        "--gpt-mfu",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="GPT-2 small bf16 MFU on one device (auto: on a GPU or TPU)",
+    )
+    gpt_mfu.add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="a few steps, one repeat")
     args = parser.parse_args(argv)
-    args.devices = [int(n) for n in args.devices.split(",")]
+    if args.devices is None:  # 1, 2, 4, ... up to the devices there are, at most 8
+        available = min(len(jax.devices()), 8)
+        args.devices = [2**i for i in range(available.bit_length()) if 2**i <= available]
+    else:
+        args.devices = [int(n) for n in args.devices.split(",")]
     args.modes = args.modes.split(",")
     if bad := [m for m in args.modes if m not in MESH_AXIS]:
         parser.error(f"unknown mode {bad[0]!r}; use dp or fsdp")
@@ -98,12 +117,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.steps, args.repeats = 2 * args.chunk, 1
     if args.steps % args.chunk:
         parser.error("--steps must be a multiple of --chunk")
+    if error := gpt_mfu.check_arguments(args):
+        parser.error(error)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[tuple[str, int], float]:
-    """Runs the benchmark: one RESULT line per (mode, device count)."""
+    """Runs the benchmark: one RESULT line per (mode, device count), then GPT-2 MFU."""
     args = parse_args(argv)
+    results = time_settings(args)
+    accelerator = jax.default_backend() in ("gpu", "tpu")
+    if args.gpt_mfu == "on" or (args.gpt_mfu == "auto" and accelerator):
+        gpt_mfu.run(args)
+    return results
+
+
+def time_settings(args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """The data-parallel / FSDP table: one RESULT line per (mode, device count)."""
     print(
         f"{SPEC.description}, batch {args.batch_size}, {args.steps} steps x {args.repeats}; "
         f"{jax.devices()[0].platform} x {len(jax.devices())}, jax {jax.__version__}",

@@ -469,6 +469,7 @@ class JdlPeer:
         batch_size: int,
         setting: Setting,
         norm_metrics: bool = False,
+        precision: str = "fp32",
     ):
         self.name = "jdl_norms" if norm_metrics else "jdl"
         self.model = build_jdl_model(spec, sizes, nnx.Rngs(0), setting.cpu_kernels)
@@ -476,7 +477,9 @@ class JdlPeer:
         self.tx, _ = jdl.make_optimizer("adam", learning_rate=LEARNING_RATE)
         self.data = jdl.InMemoryData(arrays, batch_size=batch_size, seed=0)
         self.loss_fn = jdl_loss_fn(spec)
-        self.train_step = jdl.make_train_step(self.loss_fn, norm_metrics=norm_metrics)
+        self.train_step = jdl.make_train_step(
+            self.loss_fn, norm_metrics=norm_metrics, precision=precision
+        )
         self.setting = setting
 
     def fit_seconds(self, num_steps: int) -> float:

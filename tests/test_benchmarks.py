@@ -383,3 +383,68 @@ def test_torch_twins_compute_what_jdl_computes(name):
     with torch.no_grad():
         actual = torch_model(throughput.torch_inputs(spec, x)).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- gpt_mfu
+
+GPT_MFU_RESULT = re.compile(
+    r"RESULT model=gpt_small precision=bf16 device=(?P<device>\S+) tokens_per_s=(?P<rate>\S+) "
+    r"model_tflops=(?P<tflops>\S+) mfu=(?P<mfu>\S+) mfu_nominal=(?P<nominal>\S+)"
+)
+
+
+def test_gpt_mfu_quick_run_trains_in_bf16_and_reports_mfu(capsys):
+    from benchmarks import gpt_mfu
+
+    result = gpt_mfu.main(["--quick"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == 1
+    match = GPT_MFU_RESULT.fullmatch(lines[0])
+    assert match, lines[0]
+    assert match["device"] == "cpu" and match["nominal"] == "nan"  # no datasheet for a CPU
+    assert float(match["rate"]) == pytest.approx(result.tokens_per_s, rel=1e-3)
+    assert 0 < result.mfu < 1 and result.tokens_per_step == 4 * 16
+    # The FLOPs per step are 3 x the forward's matmuls: 6 x (matmul weights) per token plus
+    # the attention products (tiny GPT: 1 layer, width 64, 16 tokens, vocabulary 256).
+    width, tokens, vocab = 64, 16, 256
+    weights = 4 * width * width + 8 * width * width + vocab * width  # qkv+out, MLP, head
+    attention = 2 * 2 * tokens * tokens * width  # q.k and p.v per window, forward
+    per_window = 3 * (2 * tokens * weights + attention)
+    assert result.flops_per_step == 4 * per_window
+
+
+def test_gpt_mfu_step_computes_in_bf16():
+    from benchmarks import gpt_mfu
+
+    sizes = throughput.resolve_sizes(gpt_mfu.SPEC, True, None)
+    arrays = throughput.make_data(gpt_mfu.SPEC, 4, 2, sizes)
+    peers = {
+        precision: throughput.JdlPeer(
+            gpt_mfu.SPEC, sizes, arrays, 4, throughput.Setting(2, 1), precision=precision
+        )
+        for precision in ("bf16", "fp32")
+    }
+    batch = {name: value[:4] for name, value in arrays.items()}
+    for precision, peer in peers.items():
+        state = jdl.TrainState.create(peer.model, peer.tx)
+        hlo = jax.jit(peer.train_step).lower(state, batch).as_text()
+        dots = re.findall(r"dot_general.*", hlo)
+        assert dots and (any("bf16" in dot for dot in dots) == (precision == "bf16")), precision
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5p", 459e12),
+    ],
+)
+def test_gpt_mfu_nominal_peaks(kind, peak):
+    from benchmarks import gpt_mfu
+
+    assert gpt_mfu.nominal_peak(kind) == peak
+    assert math.isnan(gpt_mfu.nominal_peak("cpu"))

@@ -386,8 +386,10 @@ def test_experiment_config_builds_the_mesh_or_one_clear_error():
 def test_scaling_benchmark_prints_a_result_line_per_setting(capsys):
     from benchmarks import scaling
 
-    results = scaling.main(["--devices", "1,2", "--modes", "fsdp", "--quick"])
+    results = scaling.main(["--devices", "1,2", "--modes", "fsdp", "--quick", "--gpt-mfu", "on"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT")]
+    assert lines[-1].startswith("RESULT model=gpt_small precision=bf16 device=cpu")
+    lines = lines[:-1]
     assert len(lines) == 2 and set(results) == {("fsdp", 1), ("fsdp", 2)}
     pattern = r"RESULT model=mlp_512 mode=fsdp devices=[12] samples_per_s=[\d.]+ vs_1_device=[\d.]+"
     assert all(re.fullmatch(pattern, line) for line in lines)
