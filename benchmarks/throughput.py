@@ -47,6 +47,9 @@ Peers:
   same jdl NNX module, split once (`nnx.split`) and merged inside the jitted program,
   with batch-norm statistics carried and updated as jdl does: the difference to jdl is
   then what jdl's loop and step add around the model (optax, metrics, data sampling).
+  Compiled with jdl's XLA options (`jdl.compiler`), as jdl's programs are, so the ratio
+  measures the loop and not the choice of kernels (`benchmarks.xla_cpu_options` measures
+  that choice).
 - torch_eager: the same network in `torch.nn` (`benchmarks/zoo_peers.py` for the zoo
   models; NCHW for the convolutional ones), `torch.optim.Adam` with its defaults, batches
   pre-made tensors in memory, `torch.set_num_threads(--threads)`. The trainable
@@ -657,7 +660,11 @@ def make_pure_chunk(setting: Setting, loss_fn: PureLoss) -> Callable:
             return state, jnp.stack(losses)
         return lax.scan(one_step, state, rows, unroll=unroll)
 
-    return jax.jit(train_chunk, donate_argnums=(0,))
+    # jdl's compiler options (`jdl.compiler`): the ratio then measures the loop around the
+    # kernels; what the options gain over XLA's defaults is `benchmarks.xla_cpu_options`.
+    return jax.jit(
+        train_chunk, donate_argnums=(0,), compiler_options=jdl.compiler.compiler_options()
+    )
 
 
 class PureJaxPeer:

@@ -3,7 +3,7 @@
 The public API is what this module re-exports; everything else may change.
 """
 
-from jdl import data, hf, losses, metrics, models, parallel, precision, techniques
+from jdl import compiler, data, hf, losses, metrics, models, parallel, precision, techniques
 from jdl.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
@@ -56,6 +56,7 @@ __all__ = [
     "WorkdirLock",
     "WorkdirLockedError",
     "classification_loss",
+    "compiler",
     "count_params",
     "data",
     "default_decay_mask",

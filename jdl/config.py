@@ -185,12 +185,17 @@ def parse_duration(value: int | str, *, steps_per_epoch: int, batch_size: int) -
 
 
 def write_run_record(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
-    """Writes `config.json` and `run.json` (versions, devices, git commit, command) to workdir.
+    """Writes `config.json` and `run.json` to workdir.
+
+    `run.json` holds the versions, devices, XLA flags and jdl's compiler options (they
+    choose the kernels, so the bits of a result), git commit and command line.
 
     A resumed run with a changed config keeps going; the changed keys are reported
     on stderr and the new config is recorded.
     """
     import jax
+
+    from jdl import compiler
 
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
@@ -218,6 +223,8 @@ def write_run_record(workdir: str, config: ml_collections.ConfigDict, argv: Sequ
         "versions": _versions(),
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": compiler.compiler_options(),
         "git": _git_state(),
     }
     _write_json(os.path.join(workdir, "run.json"), record)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import parallel
+from jdl import compiler, parallel
 from jdl.checkpoint import Checkpointer
 from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData
 from jdl.lock import WorkdirLock
@@ -390,7 +390,13 @@ def _build_chunk_program(
         state, metrics = _run_steps(one_step, state, xs, stop, length, unroll)
         return keep_state(state), keep_scalars(metrics)  # a loop body's constraint ends inside
 
-    return jax.jit(run_chunk, donate_argnums=(0,))
+    return jax.jit(run_chunk, donate_argnums=(0,), compiler_options=_compiler_options(shardings))
+
+
+def _compiler_options(shardings: parallel.ChunkShardings | None) -> dict[str, str]:
+    """jdl's XLA options (`jdl.compiler`) for a program on the mesh of `shardings`."""
+    platform = None if shardings is None else next(iter(shardings.batch.device_set)).platform
+    return compiler.compiler_options(platform)
 
 
 def _keepers(shardings: parallel.ChunkShardings | None) -> tuple[Callable, Callable, Callable]:
@@ -486,7 +492,7 @@ def _build_evaluator(
     eval_step: EvalStep, batch_size: int, shardings: parallel.ChunkShardings | None
 ) -> Callable:
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=_compiler_options(shardings))
     def evaluate_padded(state, arrays, mask):
         def one_batch(batch_and_mask):
             batch, batch_mask = batch_and_mask

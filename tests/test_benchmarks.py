@@ -448,3 +448,25 @@ def test_gpt_mfu_nominal_peaks(kind, peak):
 
     assert gpt_mfu.nominal_peak(kind) == peak
     assert math.isnan(gpt_mfu.nominal_peak("cpu"))
+
+
+def test_xla_cpu_options_quick_run_times_every_setting(capsys):
+    from benchmarks import xla_cpu_options
+
+    results = xla_cpu_options.main(["--quick", "--models", "mnist_cnn"])
+    output = capsys.readouterr().out
+    assert [r.model for r in results] == ["mnist_cnn"]
+    for result in results:
+        line = re.search(rf"^RESULT model={result.model} (.*)$", output, re.M).group(1)
+        values = dict(item.split("=") for item in line.split())
+        assert set(values) == {"xla_default_ms", "jdl_ms", "ynn_off_ms", "speedup"}
+        assert all(float(v) > 0 for v in values.values())
+        ratio = float(values["xla_default_ms"]) / float(values["jdl_ms"])
+        assert float(values["speedup"]) == pytest.approx(ratio, rel=2e-3)
+    # the settings really differ: XLA's defaults fuse more into YNNPACK, ynn_off nothing
+    fusions = {
+        (m, s): int(n)
+        for m, s, n in re.findall(r"^  (\w+) (\w+): compiled .*ynn=(\d+)$", output, re.M)
+    }
+    assert fusions["mnist_cnn", "ynn_off"] == 0
+    assert fusions["mnist_cnn", "xla_default"] > fusions["mnist_cnn", "jdl"] > 0

@@ -52,7 +52,8 @@ def test_docstring_examples_run(name):
 def _public_api() -> dict[str, object]:
     """Every function and class of the public API, by dotted name, with their public methods."""
     found: dict[str, object] = {}
-    packages = [jdl, jdl.data, jdl.models, jdl.techniques, jdl.parallel, jdl.precision]
+    packages = [jdl, jdl.data, jdl.models, jdl.techniques]
+    packages += [jdl.parallel, jdl.precision, jdl.compiler]
     techniques = [f"jdl.techniques.{name}" for name in jdl.techniques.__all__]
     packages += [importlib.import_module(name) for name in techniques]
     for package in packages:

@@ -314,3 +314,4 @@ def test_run_record_written(tmp_path):
     assert set(run["versions"]) >= {"jax", "flax", "optax", "orbax-checkpoint"}
     assert run["devices"] and run["argv"] == ["--config.seed=3"]
     assert "commit" in run["git"]
+    assert run["compiler_options"] == jdl.compiler.compiler_options()
