@@ -67,7 +67,11 @@ CASES: dict[str, Case] = {
     # give gradient norms of a few hundred and a clean descent at lr 1e-6 to 1e-3.
     "resnet18": Case((224, 224, 3), {"width": 4}, (64, 64, 3), learning_rate=1e-3),
     "resnet34": Case((224, 224, 3), {"width": 4}, (64, 64, 3), learning_rate=1e-3, slow=True),
-    "resnet50": Case((224, 224, 3), {"width": 4}, (64, 64, 3), learning_rate=1e-3, slow=True),
+    # The tiny ResNet-50 starts with a gradient norm near 430 (its stem kernel feeds batch
+    # norm over 4 channels), so at 1e-3 one SGD step lands far outside the region where the
+    # loss is linear and the sign of the change follows rounding (the thread count decides
+    # it); at 3e-7 the step's first-order drop is 0.06, and the measured drop matches it.
+    "resnet50": Case((224, 224, 3), {"width": 4}, (64, 64, 3), learning_rate=3e-7, slow=True),
     "resnet20": Case((32, 32, 3), {"width": 4}, (8, 8, 3)),
     "resnet32": Case((32, 32, 3), {"width": 4}, (8, 8, 3), slow=True),
     "resnet56": Case((32, 32, 3), {"width": 4}, (8, 8, 3), slow=True),
