@@ -20,6 +20,7 @@ from jdl.config import (
 )
 from jdl.data.pipeline import InMemoryData, StreamingData
 from jdl.data.text import CharVocab, RandomWindows
+from jdl.errors import UserError
 from jdl.lock import WorkdirLock, WorkdirLockedError
 from jdl.logging import MetricLogger, plot_curves, read_metrics
 from jdl.loop import FitResult, NonFiniteLossError, fit, make_chunk_runner, make_evaluator
@@ -53,6 +54,7 @@ __all__ = [
     "ShardingRules",
     "StreamingData",
     "TrainState",
+    "UserError",
     "WorkdirLock",
     "WorkdirLockedError",
     "classification_loss",

@@ -22,18 +22,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from jdl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the structure or shapes of the state it restores into."""
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(UserError, ValueError):
     """No checkpoint in the directory could be read (truncated, missing or garbled files)."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """Writing a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
 
 

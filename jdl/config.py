@@ -23,11 +23,13 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from jdl.errors import UserError
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad command line or config value. The message says what to change."""
 
 

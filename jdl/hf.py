@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdl.errors import UserError
 from jdl.models.resnet import BasicBlock, Bottleneck, ResNet
 from jdl.models.transformer import GPT
 from jdl.models.vit import ViT
@@ -58,11 +59,11 @@ ACTIVATIONS = {
 }
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint's config or tensors do not fit the jdl model it maps onto."""
 
 
-class PretrainedUnavailableError(FileNotFoundError):
+class PretrainedUnavailableError(UserError, FileNotFoundError):
     """A pretrained checkpoint is neither a local directory nor downloadable now."""
 
 

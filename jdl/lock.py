@@ -22,6 +22,8 @@ import os
 import socket
 import time
 
+from jdl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -33,7 +35,7 @@ _FRESH_SECONDS = 2.0
 _held: dict[str, tuple[int, int]] = {}  # path -> (file descriptor, count)
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another run holds the workdir's lock."""
 
 

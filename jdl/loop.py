@@ -22,13 +22,14 @@ import numpy as np
 from jdl import compiler, parallel
 from jdl.checkpoint import Checkpointer
 from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData
+from jdl.errors import UserError
 from jdl.lock import WorkdirLock
 from jdl.logging import MetricLogger, plot_curves
 from jdl.state import TrainState
 from jdl.steps import EvalStep, Metrics, TrainStep
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss or gradient."""
 
 

@@ -34,12 +34,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdl.checkpoint import path_name
 from jdl.data.pipeline import StreamingData
+from jdl.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 """Mesh axes a batch is split over, outermost first."""
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh, sharding rule or batch size does not fit the devices or the arrays."""
 
 

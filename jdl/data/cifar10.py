@@ -34,6 +34,7 @@ import numpy as np
 from jdl.data import download as downloads  # `download` is load_cifar10's flag.
 from jdl.data.dataset import Dataset, Split
 from jdl.data.download import DatasetUnavailableError
+from jdl.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ CLASS_NAMES = (
     "ship",
     "truck",
 )
+
 ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -70,7 +72,7 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
-class CifarFormatError(ValueError):
+class CifarFormatError(UserError, ValueError):
     """A CIFAR-10 file is truncated, corrupt or not in the standard format."""
 
 

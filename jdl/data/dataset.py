@@ -11,10 +11,12 @@ import dataclasses
 
 import numpy as np
 
+from jdl.errors import UserError
+
 Split = dict[str, np.ndarray]
 
 
-class NonFiniteDataError(ValueError):
+class NonFiniteDataError(UserError, ValueError):
     """A floating-point input array holds NaN or infinity."""
 
 

@@ -16,17 +16,19 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from jdl.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK_BYTES = 1 << 20
 
 
-class DatasetUnavailableError(FileNotFoundError):
+class DatasetUnavailableError(UserError, FileNotFoundError):
     """The dataset's files are missing and could not be downloaded."""
 
 
-class ChecksumMismatchError(ValueError):
+class ChecksumMismatchError(UserError, ValueError):
     """A dataset file's digest differs from the published one."""
 
 

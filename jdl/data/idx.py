@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jdl.errors import UserError
+
 # IDX dtype code -> element type as stored on disk (big-endian).
 _CODE_TO_DTYPE: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
@@ -31,7 +33,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_NDIM = 255  # The dimension count is a single byte.
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(UserError, ValueError):
     """An IDX file is malformed: bad magic, unknown dtype, truncated or oversized."""
 
 

@@ -22,16 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl.data.mnist import DatasetUnavailableError
+from jdl.errors import UserError
 
 # Folders of the standard library that are not its own source, or that some
 # distributions leave out (tests): skipping them keeps the corpus the same everywhere.
 _SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
+
 _WINDOW_SALT = 0x7E47
 
 
-class UnknownCharacterError(ValueError):
+class UnknownCharacterError(UserError, ValueError):
     """Text contains a character that the vocabulary does not have."""
 
 
