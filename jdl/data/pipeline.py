@@ -230,7 +230,8 @@ class StreamingData:
       worker_threads: grain threads reading and transforming examples.
       sharding: where batches go (`jax.device_put` target); with several processes, a
         sharding of the global batch built with `jax.make_array_from_process_local_data`.
-      process_index, process_count: this process's shard (default: JAX's).
+      process_index: this process's index among `process_count` (default: JAX's).
+      process_count: how many processes share the data (default: JAX's).
 
     Raises:
       ValueError: sizes disagree, the batch does not split over the processes, or a

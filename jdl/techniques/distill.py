@@ -49,7 +49,7 @@ def distillation_terms(
 
     Returns:
       {"loss": alpha * T**2 * kl + (1 - alpha) * hard_xent, "distill_kl": kl
-       (KL(teacher_T || student_T), not scaled), "hard_xent": CE at T = 1}, each (B,) float32.
+        (KL(teacher_T || student_T), not scaled), "hard_xent": CE at T = 1}, each (B,) float32.
     """
     kl = losses_lib.kl_divergence(
         logits=student_logits,

@@ -98,7 +98,9 @@ def integrated_gradients(
     """Integrated gradients with the trapezoidal rule on `steps` equal intervals.
 
     Args:
-      fn, x, target: as in `saliency`.
+      fn: as in `saliency`.
+      x: as in `saliency`.
+      target: as in `saliency`.
       baseline: x' of x's shape (or broadcastable); None means zeros (a black image).
       steps: number of intervals; the error of completeness falls as 1 / steps**2.
 

@@ -249,9 +249,9 @@ def make_fedavg_round(
       clients_per_round: number of participants m, 1 <= m <= K (checked when called).
 
     Returns:
-      A pure `round_fn(state, clients)`; jit it once (donating the state). `state.step` is
-      the round count. Metrics: "loss" (participants' mean local training loss, weighted
-      by n_k), "examples" (examples held by the participants).
+      round_fn (Callable): pure `(state, clients) -> (state, metrics)`; jit it once (donating
+        the state). `state.step` is the round count. Metrics: "loss" (participants' mean local
+        training loss, weighted by n_k), "examples" (examples held by the participants).
     """
     if local_epochs < 1 or batch_size < 1 or clients_per_round < 1:
         raise ValueError(

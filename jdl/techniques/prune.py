@@ -63,8 +63,8 @@ def polynomial_sparsity(
 
     Args:
       final_sparsity: target fraction of zeros in [0, 1).
-      begin_step, end_step: first and last step at which masks are recomputed,
-        0 <= begin_step <= end_step.
+      begin_step: first step at which masks are recomputed, 0 <= begin_step <= end_step.
+      end_step: last step at which masks are recomputed.
       initial_sparsity: sparsity at `begin_step`, in [0, final_sparsity].
       power: exponent (3 in the paper).
       frequency: masks are recomputed at steps `begin_step + i * frequency` (<= end_step);
