@@ -27,6 +27,8 @@ is in `make_optimizer`'s docstring.
 
 from __future__ import annotations
 
+import difflib
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -35,9 +37,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jdl.errors import UserError
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "OptimizerConfigError",
     "ScaleByAdagradState",
     "default_decay_mask",
     "make_optimizer",
@@ -46,6 +51,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "one_cycle", "linear")
+# The schedules whose shape is defined by their end: without a horizon they cannot be built.
+_NEEDS_HORIZON = ("cosine", "warmup_cosine", "one_cycle", "linear")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lamb")
 
 # optax.cosine_onecycle_schedule defaults, kept so "one_cycle" matches it exactly.
@@ -56,6 +63,10 @@ _ONE_CYCLE_FINAL_DIV_FACTOR = 1e4
 DecayMask = Callable[[optax.Params], Any] | Any | None
 
 
+class OptimizerConfigError(UserError, ValueError):
+    """An optimizer or schedule name or value that cannot make a sensible optimizer."""
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -63,7 +74,7 @@ def make_schedule(
     name: str,
     *,
     learning_rate: float,
-    total_steps: int,
+    total_steps: int | None = None,
     warmup_steps: int = 0,
     decay_factor: float = 0.1,
     step_boundaries: Sequence[float] = (),
@@ -93,10 +104,17 @@ def make_schedule(
     - "linear": linear decay from `learning_rate` to ``learning_rate * end_factor``
       at `total_steps`, held after.
 
+    The decaying shapes ("cosine", "warmup_cosine", "one_cycle", "linear", and
+    "step" with fractional boundaries) are defined by their end, so they need
+    `total_steps`: without it they raise instead of guessing a horizon (a horizon
+    of one step would train at rate 0 from the second step on).
+
     Args:
       name: one of `SCHEDULES`.
-      learning_rate: peak rate, >= 0.
-      total_steps: number of optimizer updates the schedule spans, > 0.
+      learning_rate: peak rate, finite; > 0, or 0 for "constant" (a frozen run).
+      total_steps: number of optimizer updates the schedule spans, > 0: the run's
+        number of updates. Required by the decaying shapes; optional for
+        "constant" and for "step" with integer boundaries.
       warmup_steps: length of the warmup, in [0, total_steps].
       decay_factor: "step" multiplier per boundary, >= 0.
       step_boundaries: "step" boundaries, strictly increasing, each after the
@@ -105,16 +123,29 @@ def make_schedule(
         "warmup_cosine", "linear"), >= 0.
 
     Returns:
-      A jit-safe function from step count (int or traced int) to learning rate.
+      A jit-safe function from step count (int or traced int) to learning rate,
+      with attribute ``total_steps``: the horizon the schedule was built for (an
+      int), or None where it has none ("constant", and "step" built without
+      `total_steps`). A run longer than the horizon trains at the final rate.
 
     Raises:
-      ValueError: unknown `name` (the message lists the valid names) or an invalid
+      OptimizerConfigError: (a ValueError) an unknown `name` (the message lists
+        the valid names), a decaying shape without `total_steps`, or an invalid
         value (the message names the argument).
+
+    Example:
+      >>> schedule = make_schedule("linear", learning_rate=0.1, total_steps=100)
+      >>> schedule.total_steps, round(float(schedule(50)), 3)
+      (100, 0.05)
+      >>> make_schedule("constant", learning_rate=0.1).total_steps is None
+      True
     """
     _check_choice("schedule", name, SCHEDULES)
-    _check_schedule_values(learning_rate, total_steps, warmup_steps, decay_factor, end_factor)
+    _check_horizon(name, total_steps, step_boundaries)
+    _check_learning_rate(name, learning_rate, step_boundaries)
+    _check_schedule_values(total_steps, warmup_steps, decay_factor, end_factor)
     if name == "one_cycle":
-        return _one_cycle(learning_rate, total_steps, warmup_steps)
+        return _with_horizon(_one_cycle(learning_rate, total_steps, warmup_steps), total_steps)
     if name == "step":
         boundaries = _resolve_boundaries(step_boundaries, total_steps, warmup_steps)
         body = _step_body(learning_rate, boundaries, decay_factor, warmup_steps)
@@ -123,31 +154,86 @@ def make_schedule(
     else:
         shape = "linear" if name == "linear" else "cosine"
         body = _decay_body(shape, learning_rate, end_factor, total_steps - warmup_steps)
-    return _with_warmup(body, learning_rate, warmup_steps)
+    horizon = None if name == "constant" else total_steps
+    return _with_horizon(_with_warmup(body, learning_rate, warmup_steps), horizon)
+
+
+def _with_horizon(schedule: optax.Schedule, total_steps: int | None) -> optax.Schedule:
+    """A new function equal to `schedule`, carrying its horizon as ``total_steps``."""
+
+    # A fresh function: setting the attribute on `schedule` itself could change a
+    # function the caller (or optax) shares.
+    def schedule_with_horizon(count):
+        return schedule(count)
+
+    schedule_with_horizon.total_steps = None if total_steps is None else int(total_steps)
+    return schedule_with_horizon
+
+
+def _has_fractional_boundary(step_boundaries: Sequence[float]) -> bool:
+    return any(
+        isinstance(b, numbers.Real) and not isinstance(b, numbers.Integral) and 0 < b < 1
+        for b in step_boundaries
+    )
+
+
+def _check_horizon(name: str, total_steps: int | None, step_boundaries: Sequence[float]) -> None:
+    """Raises when a schedule defined by its end is built without `total_steps`."""
+    if total_steps is not None:
+        return
+    if name in _NEEDS_HORIZON:
+        raise OptimizerConfigError(
+            f"schedule {name!r} decays over the run and needs its length: pass "
+            "total_steps=<number of optimizer updates> (e.g. the num_steps given to fit)"
+        )
+    if name == "step" and _has_fractional_boundary(step_boundaries):
+        raise OptimizerConfigError(
+            f"step_boundaries {tuple(step_boundaries)} hold fractions of the run: pass "
+            "total_steps=<number of optimizer updates>, or give the boundaries as steps"
+        )
+
+
+def _check_learning_rate(name: str, learning_rate: float, step_boundaries: Sequence[float]) -> None:
+    """Raises for a rate that is not a finite number, negative, or 0 where it would decay."""
+    try:
+        value = float(learning_rate)
+    except (TypeError, ValueError):
+        raise OptimizerConfigError(
+            f"learning_rate must be a number or an optax schedule, got {learning_rate!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise OptimizerConfigError(f"learning_rate must be finite, got {learning_rate}")
+    if value < 0:
+        raise OptimizerConfigError(f"learning_rate must be >= 0, got {learning_rate}")
+    decays = name != "constant" and not (name == "step" and not step_boundaries)
+    if decays and value == 0:
+        raise OptimizerConfigError(
+            f"learning_rate is 0, so schedule {name!r} has nothing to decay; pass a rate > 0 "
+            "(or schedule='constant' for a run that keeps the parameters fixed)"
+        )
 
 
 def _check_schedule_values(
-    learning_rate: float,
-    total_steps: int,
+    total_steps: int | None,
     warmup_steps: int,
     decay_factor: float,
     end_factor: float,
 ) -> None:
-    """Raises ValueError naming the first out-of-range schedule argument."""
-    if learning_rate < 0:
-        raise ValueError(f"learning_rate must be >= 0, got {learning_rate}")
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    """Raises OptimizerConfigError naming the first out-of-range schedule argument."""
+    if total_steps is not None and (
+        not isinstance(total_steps, numbers.Integral) or total_steps <= 0
+    ):
+        raise OptimizerConfigError(f"total_steps must be an int > 0, got {total_steps!r}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if warmup_steps > total_steps:
-        raise ValueError(
+        raise OptimizerConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if total_steps is not None and warmup_steps > total_steps:
+        raise OptimizerConfigError(
             f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})"
         )
     if decay_factor < 0:
-        raise ValueError(f"decay_factor must be >= 0, got {decay_factor}")
+        raise OptimizerConfigError(f"decay_factor must be >= 0, got {decay_factor}")
     if end_factor < 0:
-        raise ValueError(f"end_factor must be >= 0, got {end_factor}")
+        raise OptimizerConfigError(f"end_factor must be >= 0, got {end_factor}")
 
 
 def _with_warmup(body: optax.Schedule, learning_rate: float, warmup_steps: int) -> optax.Schedule:
@@ -181,24 +267,26 @@ def _step_body(
 
 
 def _resolve_boundaries(
-    step_boundaries: Sequence[float], total_steps: int, warmup_steps: int
+    step_boundaries: Sequence[float], total_steps: int | None, warmup_steps: int
 ) -> list[int]:
     """Converts fractions of total_steps and step counts to absolute steps, validated."""
     steps = [_boundary_to_step(b, total_steps) for b in step_boundaries]
     if any(later <= earlier for earlier, later in zip(steps, steps[1:], strict=False)):
-        raise ValueError(f"step_boundaries must be strictly increasing steps, got {steps}")
+        raise OptimizerConfigError(
+            f"step_boundaries must be strictly increasing steps, got {steps}"
+        )
     if steps and steps[0] <= warmup_steps:
-        raise ValueError(
+        raise OptimizerConfigError(
             f"step_boundaries must come after the warmup ({warmup_steps} steps), got {steps}"
         )
-    if steps and steps[-1] > total_steps:
-        raise ValueError(
+    if steps and total_steps is not None and steps[-1] > total_steps:
+        raise OptimizerConfigError(
             f"step_boundaries must be at most total_steps ({total_steps}), got {steps}"
         )
     return steps
 
 
-def _boundary_to_step(boundary: float, total_steps: int) -> int:
+def _boundary_to_step(boundary: float, total_steps: int | None) -> int:
     """A float in (0, 1) is a fraction of total_steps; an int >= 1 is a step."""
     if isinstance(boundary, numbers.Integral) and not isinstance(boundary, bool):
         if boundary >= 1:
@@ -206,7 +294,7 @@ def _boundary_to_step(boundary: float, total_steps: int) -> int:
     elif isinstance(boundary, numbers.Real) and 0 < boundary < 1:
         # round, not int: 0.29 * 100 is 28.999... in floating point.
         return round(boundary * total_steps)
-    raise ValueError(
+    raise OptimizerConfigError(
         f"step_boundaries entries must be a float in (0, 1) (fraction of total_steps) "
         f"or an int >= 1 (step), got {boundary!r}"
     )
@@ -215,7 +303,7 @@ def _boundary_to_step(boundary: float, total_steps: int) -> int:
 def _one_cycle(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """optax.cosine_onecycle_schedule, with the peak at `warmup_steps` when that is set."""
     if warmup_steps >= total_steps:
-        raise ValueError(
+        raise OptimizerConfigError(
             f"one_cycle needs warmup_steps ({warmup_steps}) < total_steps ({total_steps})"
         )
     peak_step = warmup_steps or int(_ONE_CYCLE_PCT_START * total_steps)
@@ -292,7 +380,7 @@ def make_optimizer(
     name: str,
     *,
     learning_rate: float | optax.Schedule,
-    total_steps: int = 1,
+    total_steps: int | None = None,
     schedule: str = "constant",
     warmup_steps: int = 0,
     momentum: float = 0.9,
@@ -350,9 +438,12 @@ def make_optimizer(
 
     Args:
       name: one of `OPTIMIZERS`.
-      learning_rate: a float (>= 0), built into a schedule with `make_schedule`,
+      learning_rate: a finite float, built into a schedule with `make_schedule`,
         or an optax schedule used as is.
-      total_steps: updates the schedule spans (see `make_schedule`).
+      total_steps: updates the schedule spans (see `make_schedule`): the run's
+        number of optimizer updates. Required by every schedule but "constant"
+        (and "step" with integer boundaries); with a ready schedule it only sets
+        the returned schedule's ``total_steps``.
       schedule: schedule name (see `make_schedule`); must stay "constant" when
         `learning_rate` is already a schedule.
       warmup_steps: linear warmup length (see `make_schedule`).
@@ -372,11 +463,15 @@ def make_optimizer(
 
     Returns:
       ``(tx, schedule)``: the gradient transformation and the learning-rate
-      schedule it uses.
+      schedule it uses. ``schedule.total_steps`` is its horizon (see
+      `make_schedule`); for a ready schedule, `total_steps` if given, else the
+      schedule's own ``total_steps`` attribute, else None.
 
     Raises:
-      ValueError: unknown `name` or `schedule` (the message lists the valid
-        names), or an invalid value (the message names the argument).
+      OptimizerConfigError: (a ValueError) unknown `name` or `schedule` (the
+        message suggests the closest valid name and lists them all), a decaying
+        schedule without `total_steps`, or an invalid value (the message names
+        the argument).
       TypeError: an unknown keyword in `schedule_kwargs`.
 
     Example:
@@ -443,7 +538,7 @@ def _wrap(
 def _resolve_schedule(
     learning_rate: float | optax.Schedule,
     schedule: str,
-    total_steps: int,
+    total_steps: int | None,
     warmup_steps: int,
     schedule_kwargs: dict[str, Any],
 ) -> optax.Schedule:
@@ -458,12 +553,15 @@ def _resolve_schedule(
         )
     # Schedule options next to a ready schedule would be silently ignored.
     if schedule != "constant" or warmup_steps or schedule_kwargs:
-        raise ValueError(
+        raise OptimizerConfigError(
             "learning_rate is already a schedule; leave schedule='constant', "
             f"warmup_steps=0 and no schedule options (got schedule={schedule!r}, "
             f"warmup_steps={warmup_steps}, options={sorted(schedule_kwargs)})"
         )
-    return learning_rate
+    _check_schedule_values(total_steps, 0, 0.0, 0.0)
+    if total_steps is None and hasattr(learning_rate, "total_steps"):
+        return learning_rate  # already carries its horizon (e.g. from make_schedule)
+    return _with_horizon(learning_rate, total_steps)
 
 
 def _check_optimizer_values(
@@ -476,28 +574,36 @@ def _check_optimizer_values(
     alpha: float,
     weight_decay: float,
 ) -> None:
-    """Raises ValueError naming the first out-of-range optimizer hyperparameter."""
+    """Raises OptimizerConfigError naming the first out-of-range optimizer hyperparameter."""
     for arg, value in (("b1", b1), ("b2", b2), ("alpha", alpha)):
         if not 0 <= value < 1:
-            raise ValueError(f"{arg} must be in [0, 1), got {value}")
+            raise OptimizerConfigError(f"{arg} must be in [0, 1), got {value}")
     for arg, value in (("momentum", momentum), ("eps", eps), ("weight_decay", weight_decay)):
         if value < 0:
-            raise ValueError(f"{arg} must be >= 0, got {value}")
+            raise OptimizerConfigError(f"{arg} must be >= 0, got {value}")
     if nesterov and name not in ("momentum", "nesterov"):
-        raise ValueError(f"nesterov=True applies to 'momentum' or 'nesterov', not {name!r}")
+        raise OptimizerConfigError(
+            f"nesterov=True applies to 'momentum' or 'nesterov', not {name!r}"
+        )
     if (nesterov or name == "nesterov") and momentum == 0:
-        raise ValueError("Nesterov momentum needs momentum > 0, got momentum=0")
+        raise OptimizerConfigError("Nesterov momentum needs momentum > 0, got momentum=0")
 
 
 def _check_wrapper_values(clip_norm: float | None, accumulate_steps: int) -> None:
-    """Raises ValueError for a non-positive clip_norm or accumulate_steps."""
+    """Raises OptimizerConfigError for a non-positive clip_norm or accumulate_steps."""
     if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        raise OptimizerConfigError(f"clip_norm must be > 0 or None, got {clip_norm}")
     if not isinstance(accumulate_steps, numbers.Integral) or accumulate_steps < 1:
-        raise ValueError(f"accumulate_steps must be an int >= 1, got {accumulate_steps!r}")
+        raise OptimizerConfigError(
+            f"accumulate_steps must be an int >= 1, got {accumulate_steps!r}"
+        )
 
 
 def _check_choice(kind: str, name: str, valid: Sequence[str]) -> None:
-    """Raises ValueError for a name outside `valid`, listing the valid names."""
-    if name not in valid:
-        raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+    """Raises for a name outside `valid`: the closest valid name, then all of them."""
+    if name in valid:
+        return
+    # Lower case first: "SGD" or "AdamW" is the commonest slip.
+    close = difflib.get_close_matches(str(name).lower(), valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise OptimizerConfigError(f"unknown {kind} {name!r}; {hint}valid names: {', '.join(valid)}")

@@ -12,9 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
+from jdl.errors import UserError
 from jdl.optim import (
     OPTIMIZERS,
     SCHEDULES,
+    OptimizerConfigError,
     default_decay_mask,
     make_optimizer,
     make_schedule,
@@ -309,7 +311,9 @@ def test_schedule_is_jit_safe():
 def test_learning_rate_schedule_is_returned_and_used():
     given = optax.linear_schedule(0.1, 0.0, 10)
     tx, schedule = make_optimizer("sgd", learning_rate=given)
-    assert schedule is given
+    assert _evaluate(schedule, 12).tolist() == _evaluate(given, 12).tolist()
+    assert schedule.total_steps is None  # an optax schedule does not say its horizon
+    assert not hasattr(given, "total_steps")  # the caller's function is left alone
     params = {"w": jnp.ones((2, 2))}
     state = tx.init(params)
     for step in range(3):
@@ -574,8 +578,10 @@ def test_accumulation_schedule_counts_applied_updates():
     ],
 )
 def test_invalid_arguments_raise(build, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OptimizerConfigError, match=match) as caught:
         build()
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+    assert "\n" not in str(caught.value)
 
 
 def test_valid_names_are_all_buildable():
@@ -583,3 +589,106 @@ def test_valid_names_are_all_buildable():
         for name in OPTIMIZERS:
             tx, lr = make_optimizer(name, learning_rate=0.1, total_steps=10, schedule=schedule)
             assert callable(lr) and tx.init({"w": jnp.zeros((2, 2))}) is not None
+
+
+# ----------------------------------------------------------------------------- horizons
+
+
+DECAYING = [
+    pytest.param("cosine", {}, id="cosine"),
+    pytest.param("warmup_cosine", dict(warmup_steps=5), id="warmup_cosine"),
+    pytest.param("linear", {}, id="linear"),
+    pytest.param("one_cycle", {}, id="one_cycle"),
+    pytest.param("step", dict(step_boundaries=(0.5, 0.75)), id="step-fractional"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", DECAYING)
+def test_decaying_schedule_without_total_steps_raises(name, kwargs):
+    # Without a horizon these used to decay over one step: the run trained at rate 0.
+    for build in (make_schedule, lambda n, **kw: make_optimizer("sgd", schedule=n, **kw)):
+        with pytest.raises(OptimizerConfigError, match="total_steps=") as caught:
+            build(name, learning_rate=0.1, **kwargs)
+        assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("name, kwargs", DECAYING)
+def test_schedules_carry_their_horizon(name, kwargs):
+    schedule = make_schedule(name, learning_rate=0.1, total_steps=40, **kwargs)
+    assert schedule.total_steps == 40 and isinstance(schedule.total_steps, int)
+    _, from_optimizer = make_optimizer(
+        "adam", learning_rate=0.1, schedule=name, total_steps=40, **kwargs
+    )
+    assert from_optimizer.total_steps == 40
+    np.testing.assert_array_equal(_evaluate(schedule, 45), _evaluate(from_optimizer, 45))
+
+
+def test_schedules_without_an_end_have_no_horizon():
+    assert make_schedule("constant", learning_rate=0.1).total_steps is None
+    assert make_schedule("constant", learning_rate=0.1, total_steps=10).total_steps is None
+    assert make_optimizer("sgd", learning_rate=0.1)[1].total_steps is None
+    steps = make_schedule("step", learning_rate=0.1, step_boundaries=(5, 8), decay_factor=0.5)
+    assert steps.total_steps is None
+    assert _evaluate(steps, 10).tolist() == pytest.approx([0.1] * 5 + [0.05] * 3 + [0.025] * 2)
+
+
+def test_ready_schedule_horizon():
+    built = make_schedule("cosine", learning_rate=0.1, total_steps=30)
+    assert make_optimizer("sgd", learning_rate=built)[1] is built
+    _, told = make_optimizer(
+        "sgd", learning_rate=optax.linear_schedule(0.1, 0.0, 30), total_steps=30
+    )
+    assert told.total_steps == 30
+    with pytest.raises(OptimizerConfigError, match="total_steps"):
+        make_optimizer("sgd", learning_rate=built, total_steps=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_non_finite_learning_rate_raises(value, schedule):
+    with pytest.raises(OptimizerConfigError, match="learning_rate must be finite"):
+        make_optimizer("adam", learning_rate=value, schedule=schedule, total_steps=10)
+
+
+@pytest.mark.parametrize("name, kwargs", DECAYING)
+def test_zero_learning_rate_with_a_decay_raises(name, kwargs):
+    with pytest.raises(OptimizerConfigError, match="learning_rate is 0"):
+        make_schedule(name, learning_rate=0.0, total_steps=40, **kwargs)
+
+
+def test_zero_learning_rate_is_a_frozen_constant_run():
+    tx, schedule = make_optimizer("adam", learning_rate=0.0)
+    params = {"w": jnp.arange(4.0)}
+    state = tx.init(params)
+    updates, _ = tx.update({"w": jnp.ones(4)}, state, params)
+    np.testing.assert_array_equal(optax.apply_updates(params, updates)["w"], params["w"])
+    assert float(schedule(3)) == 0.0
+
+
+def test_learning_rate_that_is_not_a_number_raises():
+    with pytest.raises(OptimizerConfigError, match="learning_rate must be a number"):
+        make_optimizer("adam", learning_rate="1e-3x")
+
+
+@pytest.mark.parametrize(
+    "build, suggestion",
+    [
+        (lambda: make_optimizer("adamm", learning_rate=0.1), "'adam'"),
+        (lambda: make_optimizer("SGD", learning_rate=0.1), "'sgd'"),
+        (lambda: make_schedule("cosin", learning_rate=0.1, total_steps=5), "'cosine'"),
+        (lambda: make_optimizer("sgd", learning_rate=0.1, schedule="onecycle"), "'one_cycle'"),
+    ],
+)
+def test_unknown_name_suggests_the_closest(build, suggestion):
+    with pytest.raises(OptimizerConfigError) as caught:
+        build()
+    message = str(caught.value)
+    assert f"did you mean {suggestion}?" in message and "valid names:" in message
+    assert "\n" not in message
+
+
+def test_unknown_name_without_a_close_one_lists_the_names():
+    with pytest.raises(OptimizerConfigError) as caught:
+        make_optimizer("xyzzy", learning_rate=0.1)
+    assert "did you mean" not in str(caught.value)
+    assert all(name in str(caught.value) for name in OPTIMIZERS)
