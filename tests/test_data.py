@@ -1,4 +1,5 @@
-"""Tests for the IDX format, the MNIST loader (local, downloaded, offline) and sklearn loaders."""
+"""Tests for the IDX format, the MNIST loader (local, downloaded, offline), sklearn loaders,
+and the checks the data pipeline makes once, on the host (batch size, label range)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import pytest
 from jdl import data
 from jdl.data import mnist
 from jdl.data.idx import IdxFormatError, read_idx, write_idx
+from jdl.data.pipeline import BatchSizeError, InMemoryData, LabelRangeError, check_labels
+from jdl.errors import UserError
 
 MNIST_FILES = [name for pair in mnist.FILES.values() for name in pair]
 
@@ -479,3 +482,66 @@ def test_datasets_registry():
     assert data.DATASETS["iris"]().name == "iris"
     with pytest.raises(data.DatasetUnavailableError, match="fashion_mnist files missing"):
         data.DATASETS["fashion_mnist"](download=False)
+
+
+# ---------------------------------------------------------------------------- pipeline checks
+
+
+def test_in_memory_batch_larger_than_the_data_names_both_numbers():
+    arrays = {"x": np.zeros((50, 3), np.float32), "y": np.zeros(50, np.int32)}
+    with pytest.raises(BatchSizeError) as caught:
+        InMemoryData(arrays, batch_size=64, seed=0)
+    message = str(caught.value)
+    assert "batch_size 64" in message and "(50 examples)" in message and "at most 50" in message
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+    with pytest.raises(BatchSizeError, match="batch_size must be >= 1, got 0"):
+        InMemoryData(arrays, batch_size=0, seed=0)
+    assert InMemoryData(arrays, batch_size=50, seed=0).steps_per_epoch == 1
+
+
+def test_in_memory_data_without_arrays_is_an_error():
+    with pytest.raises(ValueError, match="at least one array"):
+        InMemoryData({}, batch_size=1, seed=0)
+
+
+def _label_error(labels, num_classes, where="train data") -> str:
+    with pytest.raises(LabelRangeError) as caught:
+        check_labels(np.asarray(labels), num_classes, where=where)
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_check_labels_accepts_labels_in_range():
+    check_labels(np.array([0, 9, 3], np.int32), 10, where="train")
+    check_labels(np.zeros((4, 7), np.int64), 1, where="train")  # (N, T) token targets
+    check_labels(np.zeros(0, np.int32), 10, where="train")  # an empty split holds no bad label
+    check_labels(np.array([0.5, 12.0]), 10, where="train")  # float targets are not class ids
+
+
+def test_check_labels_one_based_labels_get_the_hint():
+    message = _label_error(np.arange(1, 11), 10, where="digits/train")
+    assert message.startswith("digits/train: 1 of 10 labels lie outside [0, 10)")
+    assert "out of range: 10 to 10" in message and "all labels: 1 to 10" in message
+    assert "1-based" in message and "subtract 1" in message
+
+
+def test_check_labels_names_the_bad_range_and_count():
+    message = _label_error(np.array([-2, 0, 1, 4, 7, 2], np.int32), 3, where="eval data")
+    assert message.startswith("eval data: 3 of 6 labels lie outside [0, 3)")
+    assert "out of range: -2 to 7" in message and "1-based" not in message
+    assert "(it has 3)" in message
+    # A label equal to num_classes next to a negative one is not a 1-based set.
+    assert "1-based" not in _label_error(np.array([-1, 3]), 3)
+
+
+def test_check_labels_reads_device_and_multi_dimensional_labels():
+    import jax.numpy as jnp
+
+    message = _label_error(jnp.array([[0, 1], [2, 5]], jnp.int32), 5)
+    assert "1 of 4 labels" in message and "1-based" in message
+
+
+def test_check_labels_rejects_a_bad_class_count():
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        check_labels(np.array([0]), 0, where="train")

@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 import jdl
+from jdl.data.pipeline import BatchSizeError
+from jdl.errors import UserError
 
 
 def _arrays(n=100, dim=4, classes=3, seed=0):
@@ -130,11 +132,21 @@ def test_chunk_inputs_pad_with_the_last_batch():
     data.close()
 
 
+def test_batch_larger_than_the_data_names_both_numbers():
+    with pytest.raises(BatchSizeError) as caught:
+        jdl.StreamingData(_arrays(n=10), batch_size=16, seed=0)
+    message = str(caught.value)
+    assert "batch_size 16" in message and "(10 examples)" in message
+    assert "at most 10" in message and "\n" not in message
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+    assert jdl.StreamingData(_arrays(n=16), batch_size=16, seed=0).steps_per_epoch == 1
+
+
 def test_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of the process count"):
         jdl.StreamingData(_arrays(), batch_size=5, seed=0, process_index=0, process_count=2)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        jdl.StreamingData(_arrays(n=10), batch_size=16, seed=0)
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        jdl.StreamingData(_arrays(n=10), batch_size=16, seed=0, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="agree in length"):
         jdl.StreamingData({"x": np.zeros(4), "y": np.zeros(5)}, batch_size=2, seed=0)
     data = jdl.StreamingData(_arrays(), batch_size=16, seed=0)

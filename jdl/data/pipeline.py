@@ -32,8 +32,67 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl.data.dataset import check_finite
+from jdl.errors import UserError
 
 _SHUFFLE_SALT = 0x5EED
+
+
+class BatchSizeError(UserError, ValueError):
+    """A batch size that the data cannot fill: below 1 or larger than the data set."""
+
+
+class LabelRangeError(UserError, ValueError):
+    """Integer class labels outside [0, num_classes)."""
+
+
+def check_labels(labels: np.ndarray | jax.Array, num_classes: int, *, where: str) -> None:
+    """Raises if integer class labels fall outside ``[0, num_classes)``.
+
+    A label out of range does not fail inside a jitted loss: the one-hot of a label
+    >= num_classes is all zeros and `jnp.take_along_axis` clamps, so training runs
+    on a silently wrong target. One vectorised pass on the host (call it once per
+    split, before training). Arrays of another dtype (float targets, regression)
+    are not class labels and are left alone.
+
+    Args:
+      labels: integer class ids of any shape, e.g. (N,) or (N, T).
+      num_classes: the number of classes the model predicts, >= 1.
+      where: what the labels are, for the message (e.g. "train data").
+
+    Raises:
+      LabelRangeError: (a ValueError) naming `where`, how many labels are out of
+        range, the range they span, and a hint when the labels look 1-based
+        (their maximum equals `num_classes`).
+
+    Example:
+      >>> check_labels(np.array([0, 2, 1]), 3, where="train")
+      >>> check_labels(np.array([1, 2, 3]), 3, where="train")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      jdl.data.pipeline.LabelRangeError: train: 1 of 3 labels lie outside [0, 3) ...1-based...
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or labels.size == 0:
+        return
+    low, high = labels.min(), labels.max()
+    if low >= 0 and high < num_classes:
+        return
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if low >= 0 and high == num_classes:
+        advice = f"the labels look 1-based: subtract 1 so that they run from 0 to {num_classes - 1}"
+    else:
+        advice = (
+            f"give the model one output per class (it has {num_classes}) or map the "
+            f"labels to 0..{num_classes - 1}"
+        )
+    raise LabelRangeError(
+        f"{where}: {bad.size} of {labels.size} labels lie outside [0, {num_classes}) "
+        f"(out of range: {bad.min()} to {bad.max()}; all labels: {low} to {high}); {advice}"
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +181,8 @@ class InMemoryData:
         sharding: jax.sharding.Sharding | None = None,
     ):
         sizes = {name: len(value) for name, value in arrays.items()}
+        if not sizes:
+            raise ValueError("InMemoryData needs at least one array, e.g. {'x': ..., 'y': ...}")
         if len(set(sizes.values())) != 1:
             raise ValueError(f"arrays disagree on the number of examples: {sizes}")
         check_finite(  # once, on the host: a NaN input would only show up as a NaN loss
@@ -134,11 +195,12 @@ class InMemoryData:
         )
         self.num_examples = next(iter(sizes.values()))
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise BatchSizeError(f"batch_size must be >= 1, got {batch_size}")
         if batch_size > self.num_examples:
-            raise ValueError(
+            raise BatchSizeError(
                 f"batch_size {batch_size} is larger than the dataset ({self.num_examples} "
-                "examples); lower the batch size"
+                f"examples): every batch is full, so no step could be drawn; use a batch size "
+                f"of at most {self.num_examples}"
             )
         self.batch_size = batch_size
         self.seed = seed
@@ -234,8 +296,9 @@ class StreamingData:
       process_count: how many processes share the data (default: JAX's).
 
     Raises:
-      ValueError: sizes disagree, the batch does not split over the processes, or a
-        shard has fewer examples than one batch.
+      ValueError: sizes disagree.
+      BatchSizeError: (a ValueError) the batch does not split over the processes, or
+        the data (a shard) has fewer examples than one batch.
     """
 
     kind = "streaming"
@@ -260,7 +323,7 @@ class StreamingData:
         if isinstance(source, Mapping):
             source = ArraySource(source)
         if batch_size < 1 or batch_size % self.process_count:
-            raise ValueError(
+            raise BatchSizeError(
                 f"batch_size {batch_size} must be >= 1 and a multiple of the process count "
                 f"{self.process_count}"
             )
@@ -272,10 +335,18 @@ class StreamingData:
         self.local_batch_size = batch_size // self.process_count
         self.num_examples = len(source) - len(source) % self.process_count
         shard_size = self.num_examples // self.process_count
+        if shard_size < self.local_batch_size and self.process_count == 1:
+            raise BatchSizeError(
+                f"batch_size {batch_size} is larger than the dataset ({shard_size} examples): "
+                "each epoch drops its incomplete last batch, so no step could be drawn; use a "
+                f"batch size of at most {shard_size}"
+            )
         if shard_size < self.local_batch_size:
-            raise ValueError(
+            raise BatchSizeError(
                 f"each of the {self.process_count} process shards has {shard_size} examples, "
-                f"fewer than one batch of {self.local_batch_size}; lower the batch size"
+                f"fewer than one batch of {self.local_batch_size} (batch_size {batch_size} / "
+                f"{self.process_count} processes); use a batch size of at most "
+                f"{shard_size * self.process_count}"
             )
         self.steps_per_epoch = shard_size // self.local_batch_size
         dataset = grain.MapDataset.source(source)[: self.num_examples]
