@@ -17,6 +17,7 @@ on the seed and the step.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 
 import jax
@@ -27,6 +28,7 @@ from flax import nnx
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
 from jdl import precision as precision_lib
+from jdl.errors import UserError
 from jdl.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -35,6 +37,14 @@ LossFn = Callable[[nnx.Module, Batch], Metrics]
 AugmentFn = Callable[[jax.Array, Batch], Batch]
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStep = Callable[[TrainState, Batch], Metrics]
+
+
+class LossOutputError(UserError, TypeError, ValueError):
+    """A loss function returned something other than a dict of per-example values.
+
+    A TypeError for a wrong type (a scalar, a tuple) and a ValueError for a dict
+    without "loss" or with an entry of the wrong shape, so either `except` catches it.
+    """
 
 
 def classification_loss(*, label_smoothing: float = 0.0) -> LossFn:
@@ -103,6 +113,12 @@ def make_train_step(
       `norm_metrics`), "lr" (if a schedule is given) and "skipped_steps" (if
       `skip_nonfinite`).
       Not jitted here: the caller jits (or scans) it once, with donation.
+      The function has attribute ``lr_schedule`` (`lr_schedule`, or None), so a
+      caller can compare the run's length with the schedule's ``total_steps``.
+
+    Raises:
+      LossOutputError: when traced, if `loss_fn` returns anything but a dict with a
+        "loss" entry of per-example (B,) or scalar values.
     """
 
     policy = precision_lib.get_policy(precision)
@@ -182,6 +198,7 @@ def make_train_step(
         )
         return new_state, metrics
 
+    train_step.lr_schedule = lr_schedule
     return train_step
 
 
@@ -232,14 +249,31 @@ def _split_batch(batch: Batch, parts: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def _check_loss_output(per_example: Mapping[str, jax.Array]) -> None:
+def _check_loss_output(per_example: object) -> None:
+    """Raises LossOutputError unless `per_example` is a dict of (B,) or () values with "loss"."""
+    expected = (
+        'a loss function returns a dict with a "loss" entry of per-example values, shape (B,) '
+        "(or scalars ()), plus any metrics, e.g. {'loss': xent, 'accuracy': correct}"
+    )
+    if not isinstance(per_example, Mapping):
+        raise LossOutputError(f"{expected}; got {_describe(per_example)}")
     if "loss" not in per_example:
-        raise ValueError(
-            f"the loss function must return a dict with a 'loss' entry; got {sorted(per_example)}"
-        )
+        raise LossOutputError(f"{expected}; got a dict with entries {sorted(per_example)}")
     for name, value in per_example.items():
+        is_array = hasattr(value, "shape") and hasattr(value, "dtype")
+        if not (is_array or isinstance(value, numbers.Number)):
+            raise LossOutputError(f"{expected}; entry {name!r} is {_describe(value)}")
         if jnp.ndim(value) > 1:
-            raise ValueError(
+            raise LossOutputError(
                 f"loss function entry {name!r} has shape {jnp.shape(value)}; "
-                "entries must be per-example (B,) or scalars ()"
+                "entries must be per-example (B,) or scalars (): average the other axes"
             )
+
+
+def _describe(value: object) -> str:
+    """The type, and shape and dtype where there are some, of a loss function's output."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        # Not the type name: inside the traced step that is a tracer class.
+        return f"an array of shape {tuple(shape)} and dtype {dtype}"
+    return f"a {type(value).__name__}"

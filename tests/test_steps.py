@@ -130,10 +130,49 @@ def test_eval_step_is_deterministic_and_uses_running_stats():
 def test_loss_fn_contract_errors():
     state = jdl.TrainState.create(LinearRegression(nnx.Rngs(0)), optax.sgd(0.1), seed=0)
     batch = {"x": jnp.ones((2, 3)), "y": jnp.ones(2)}
-    with pytest.raises(ValueError, match="'loss' entry"):
+    with pytest.raises(ValueError, match="\"loss\" entry.*got a dict with entries \\['mse'\\]"):
         jdl.make_train_step(lambda m, b: {"mse": m(b["x"])})(state, batch)
     with pytest.raises(ValueError, match="per-example"):
         jdl.make_train_step(lambda m, b: {"loss": jnp.ones((2, 2))})(state, batch)
+
+
+@pytest.mark.parametrize(
+    "returns, got",
+    [
+        pytest.param(
+            lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2),
+            "got an array of shape () and dtype float32",
+            id="scalar",
+        ),
+        pytest.param(
+            lambda m, b: (m(b["x"]) - b["y"]) ** 2,
+            "got an array of shape (2,) and dtype float32",
+            id="per-example-array",
+        ),
+        pytest.param(lambda m, b: (jnp.mean(m(b["x"])), {}), "got a tuple", id="tuple"),
+        pytest.param(lambda m, b: {"loss": "x"}, "entry 'loss' is a str", id="str-entry"),
+    ],
+)
+def test_loss_fn_returning_no_dict_names_what_it_got(returns, got):
+    # A scalar loss used to fail deep inside with "TypeError: Array.__contains__".
+    state = jdl.TrainState.create(LinearRegression(nnx.Rngs(0)), optax.sgd(0.1), seed=0)
+    batch = {"x": jnp.ones((2, 3)), "y": jnp.ones(2)}
+    for step in (jax.jit(jdl.make_train_step(returns)), jax.jit(jdl.make_eval_step(returns))):
+        with pytest.raises(jdl.steps.LossOutputError) as caught:
+            step(state, batch)
+        message = str(caught.value)
+        assert isinstance(caught.value, jdl.errors.UserError)
+        assert isinstance(caught.value, TypeError) and isinstance(caught.value, ValueError)
+        assert 'a dict with a "loss" entry of per-example values, shape (B,)' in message
+        assert got in message and "\n" not in message
+        assert "Tracer" not in message
+
+
+def test_train_step_carries_its_lr_schedule():
+    tx, schedule = jdl.make_optimizer("sgd", learning_rate=0.1, schedule="cosine", total_steps=7)
+    step = jdl.make_train_step(mse_loss, lr_schedule=schedule)
+    assert step.lr_schedule is schedule and step.lr_schedule.total_steps == 7
+    assert jdl.make_train_step(mse_loss).lr_schedule is None
 
 
 def test_state_create_does_not_alias_the_model():
