@@ -64,13 +64,35 @@ class TrainState(struct.PyTreeNode):
         )
 
     def model(self, params: nnx.State | None = None) -> nnx.Module:
-        """A fresh NNX module holding (copies of) this state's arrays.
+        """A fresh NNX module holding (copies of) this state's arrays, in training mode.
 
+        Training mode, as the state was split from the model during training: dropout
+        is on and batch norm normalises with the batch's statistics. For inference use
+        `eval_model` (or `jdl.inference.predict`), or call ``.eval()`` on the result.
         Safe inside traced functions: the module's variables belong to the current trace.
         """
         return nnx.merge(
             self.graphdef, self.params if params is None else params, self.model_state, copy=True
         )
+
+    def eval_model(self) -> nnx.Module:
+        """A fresh NNX module with this state's weights, in eval mode.
+
+        Dropout is off and batch norm uses its running averages, so the output depends
+        only on the input. Like `model`, it holds copies: changing it (or switching it
+        back with ``.train()``) does not change the state.
+
+        Example:
+          >>> import optax
+          >>> from flax import nnx
+          >>> net = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Dropout(0.5))
+          >>> state = TrainState.create(net, optax.sgd(0.1))
+          >>> state.model().layers[1].deterministic, state.eval_model().layers[1].deterministic
+          (False, True)
+        """
+        model = self.model()
+        model.eval()
+        return model
 
     def step_key(self, name: str | int = 0) -> jax.Array:
         """The key for this step's randomness of kind `name` (stable across resumes)."""
