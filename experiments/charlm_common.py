@@ -27,7 +27,20 @@ import numpy as np
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, check_config, make_config_optimizer
+from experiments.common import (
+    base_config,
+    check_config,
+    check_workdir,
+    config_choices,
+    finite_round,
+    has_checkpoint,
+    initial_state,
+    make_config_optimizer,
+    parse_experiment_command_line,
+    report_final,
+    workdir_lock,
+)
+from jdl import jsonio
 from jdl.config import ConfigError
 from jdl.data import text as text_data
 
@@ -123,74 +136,80 @@ def run_language_model(
     build_model: BuildModel,
     sample: Sample,
     default_workdir: str,
+    check_extra: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> dict:
     """Runs one language-model experiment from the command line; returns the final metrics.
 
+    `check_extra(config)` checks the model's own fields after `check_lm_config`.
     Prints a generated sample and then `FINAL {json}` as the last line of output.
+
+    Raises:
+      jdl.UserError: a bad config, prompt or workdir (before anything compiles), a
+        checkpoint of another model or vocabulary; the workdir is left as it was.
     """
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_lm_config(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    config, workdir = parse_experiment_command_line(argv, get_config)
+    check_lm_config(config)
+    if check_extra is not None:
+        check_extra(config)
+    jdl.config.check_choices(config, config_choices(get_config))
     workdir = workdir or default_workdir
+    check_workdir(workdir)
     started = time.perf_counter()
     text, source = load_corpus(config)
     vocab = text_data.CharVocab.from_text(text)
-    try:
-        prompt_ids = vocab.encode(config.sample_prompt)  # fails now, not after training
-        train_ids, val_ids = text_data.split_text(vocab.encode(text), config.validation_fraction)
-        train_data = text_data.RandomWindows(
-            train_ids, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed
-        )
-        num_steps = jdl.parse_duration(
-            config.duration,
-            steps_per_epoch=train_data.steps_per_epoch,
-            batch_size=config.batch_size,
-        )
-        tx, schedule = make_config_optimizer(config, num_steps)
-    except ValueError as error:  # ConfigError and UnknownCharacterError included
-        sys.exit(f"error: {error}")
+    prompt_ids = vocab.encode(config.sample_prompt)  # fails now, not after training
+    train_ids, val_ids = text_data.split_text(vocab.encode(text), config.validation_fraction)
+    train_data = text_data.RandomWindows(
+        train_ids, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed
+    )
+    num_steps = jdl.parse_duration(
+        config.duration,
+        steps_per_epoch=train_data.steps_per_epoch,
+        batch_size=config.batch_size,
+    )
+    tx, schedule = make_config_optimizer(config, num_steps)
     if config.compilation_cache:
         jdl.enable_compilation_cache()
-    if jax.process_index() == 0:
-        jdl.write_run_record(workdir, config, argv)
-        with open(os.path.join(workdir, "vocab.json"), "w") as f:
-            json.dump(vocab.to_json(), f)
-
-    model = build_model(config, vocab.size, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-    state = jdl.TrainState.create(model, tx, seed=config.seed)
-    loss_fn = lm_loss(label_smoothing=config.label_smoothing)
-    val_windows = text_data.eval_windows(val_ids, config.seq_len)
-    print(
-        f"{source}: {len(text):,} characters, vocabulary {vocab.size}; train {len(train_ids):,}"
-        f", validation {len(val_ids):,} characters; {num_steps} steps of {config.batch_size}"
-        f" x {config.seq_len} characters; {jdl.count_params(state.params):,} parameters; "
-        f"devices: {jax.devices()}",
-        flush=True,
-    )
-    result = jdl.fit(
-        state,
-        train_step=jdl.make_train_step(
-            loss_fn, lr_schedule=schedule, skip_nonfinite=config.skip_nonfinite
-        ),
-        train_data=train_data,
-        num_steps=num_steps,
-        eval_step=jdl.make_eval_step(loss_fn),
-        eval_data=val_windows,
-        eval_every=config.eval_every,
-        eval_batch_size=config.eval_batch_size,
-        log_every=config.log_every,
-        workdir=workdir,
-        checkpoint_every=config.checkpoint_every,
-        max_to_keep=config.max_to_keep,
-        best_metric="loss",
-        best_mode="min",
-        early_stopping_patience=config.early_stopping_patience,
-        steps_per_dispatch=config.steps_per_dispatch,
-        unroll=config.unroll or True,
-        progress=config.progress,
-    )
+    with workdir_lock(workdir):
+        if jax.process_index() == 0:
+            record_vocab(workdir, vocab)
+        model = build_model(
+            config, vocab.size, nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+        )
+        state = jdl.TrainState.create(model, tx, seed=config.seed)
+        state = initial_state(state, config.init_from, workdir)
+        loss_fn = lm_loss(label_smoothing=config.label_smoothing)
+        val_windows = text_data.eval_windows(val_ids, config.seq_len)
+        print(
+            f"{source}: {len(text):,} characters, vocabulary {vocab.size}; train "
+            f"{len(train_ids):,}, validation {len(val_ids):,} characters; {num_steps} steps of "
+            f"{config.batch_size} x {config.seq_len} characters; "
+            f"{jdl.count_params(state.params):,} parameters; devices: {jax.devices()}",
+            flush=True,
+        )
+        result = jdl.fit(
+            state,
+            train_step=jdl.make_train_step(
+                loss_fn, lr_schedule=schedule, skip_nonfinite=config.skip_nonfinite
+            ),
+            train_data=train_data,
+            num_steps=num_steps,
+            eval_step=jdl.make_eval_step(loss_fn),
+            eval_data=val_windows,
+            eval_every=config.eval_every,
+            eval_batch_size=config.eval_batch_size,
+            log_every=config.log_every,
+            workdir=workdir,
+            checkpoint_every=config.checkpoint_every,
+            max_to_keep=config.max_to_keep,
+            best_metric="loss",
+            best_mode="min",
+            early_stopping_patience=config.early_stopping_patience,
+            steps_per_dispatch=config.steps_per_dispatch,
+            unroll=config.unroll or True,
+            progress=config.progress,
+            run_config=config,
+        )
     validation = result.eval_history[-1]  # fit evaluates at the last step
     train_seconds = time.perf_counter() - started
     sample_text = generate_text(config, vocab, result.state, sample, prompt_ids)
@@ -202,17 +221,37 @@ def run_language_model(
     final = {
         "val_loss": round(validation["loss"], 4),  # nats per character
         "val_accuracy": round(validation["accuracy"], 4),
-        "train_loss": round(result.train_metrics.get("loss", float("nan")), 4),
+        "train_loss": finite_round(result.train_metrics.get("loss")),
         "steps": result.step,
         "seconds": round(train_seconds, 1),  # load, compile, train, evaluate; not sampling
         "vocab_size": vocab.size,
         "params": jdl.count_params(result.state.params),
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final.json"), "w") as f:
-            json.dump({**final, "sample": sample_text}, f)
-    print("FINAL " + json.dumps(final), flush=True)
-    return final
+    return report_final(final, workdir, finished=result.was_finished, extra={"sample": sample_text})
+
+
+def record_vocab(workdir: str, vocab: text_data.CharVocab) -> None:
+    """Writes `workdir/vocab.json`, or checks it when the workdir's checkpoints will resume.
+
+    Raises:
+      ConfigError: the workdir's checkpoints were trained on another vocabulary (a changed
+        `text_path` or `max_chars`); the file is left as it was.
+    """
+    path = os.path.join(workdir, "vocab.json")
+    wanted = json.loads(json.dumps(vocab.to_json()))
+    if has_checkpoint(workdir) and os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != wanted:
+            raise ConfigError(
+                f"the checkpoints in {workdir} were trained on another vocabulary "
+                f"(vocab.json differs from the {vocab.size} characters of this text): "
+                "config.text_path or config.max_chars changed; use the same text or a new "
+                "--workdir"
+            )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    jsonio.write_json(path, wanted)
 
 
 def generate_text(

@@ -22,7 +22,6 @@ with the validation loss in nats per character.
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import numpy as np
@@ -30,7 +29,10 @@ from flax import nnx
 
 import jdl
 from experiments.charlm_common import lm_config, run_language_model
-from experiments.common import default_workdir
+from experiments.common import check_sizes, default_workdir
+from jdl.cli import command
+
+CONFIG_CHOICES = {"cell_type": jdl.models.rnn.CELL_TYPES}  # listed by --help, checked
 
 
 def get_config(arg: str | None = None):
@@ -70,9 +72,16 @@ def _generate(graphdef, state, key, prompt_ids, temperature, num_tokens, top_k):
     return model.generate(key, prompt_ids, num_tokens, temperature, top_k)
 
 
+def check_extra(config) -> None:
+    """The model's sizes must be positive; one clear `ConfigError`."""
+    check_sizes(config, "embed_dim", "hidden_size", "num_layers")
+
+
+@command
 def main(argv=None):
     return run_language_model(
-        sys.argv[1:] if argv is None else argv,
+        argv,
+        check_extra=check_extra,
         get_config=get_config,
         build_model=build_model,
         sample=sample,

@@ -23,15 +23,17 @@ FINAL {"val_loss": ..., ...} with the validation loss in nats per character.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import numpy as np
 from flax import nnx
 
 import jdl
 from experiments.charlm_common import lm_config, run_language_model
-from experiments.common import default_workdir
+from experiments.common import check_sizes, default_workdir
+from jdl.cli import command
+from jdl.config import ConfigError
+
+CONFIG_CHOICES = {"positions": jdl.models.transformer.POSITIONS}  # listed by --help, checked
 
 
 def get_config(arg: str | None = None):
@@ -84,9 +86,21 @@ def sample(model, key, prompt_ids: np.ndarray, num_tokens: int, temperature, top
     return np.asarray(out, np.int32)
 
 
+def check_extra(config) -> None:
+    """The model's sizes must be positive; one clear `ConfigError`."""
+    check_sizes(config, "embed_dim", "num_heads", "num_layers")
+    if config.embed_dim % config.num_heads:
+        raise ConfigError(
+            f"config.embed_dim={config.embed_dim} must be a multiple of "
+            f"config.num_heads={config.num_heads}"
+        )
+
+
+@command
 def main(argv=None):
     return run_language_model(
-        sys.argv[1:] if argv is None else argv,
+        argv,
+        check_extra=check_extra,
         get_config=get_config,
         build_model=build_model,
         sample=sample,

@@ -34,17 +34,17 @@ Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from flax import nnx
 
 import jdl
 from experiments.common import base_config, default_workdir, run_classifier
+from jdl.cli import command
 from jdl.config import ConfigError
 
 # Test error rates of He et al. 2016, table 6, as accuracies.
 PUBLISHED_ACCURACY = {"resnet20": 0.9125, "resnet32": 0.9249, "resnet56": 0.9303}
+CONFIG_CHOICES = {"model": tuple(PUBLISHED_ACCURACY)}  # listed by --help
 
 
 def get_config(arg: str | None = None):
@@ -85,14 +85,11 @@ def check_extra(config) -> None:
 
 
 def load_data(config):
-    try:
-        return jdl.data.load_cifar10(
-            data_dir=config.data_dir or None,
-            download=config.download,
-            normalize=config.normalize,
-        )
-    except jdl.data.DatasetUnavailableError as error:
-        sys.exit(f"error: {error}")
+    return jdl.data.load_cifar10(
+        data_dir=config.data_dir or None,
+        download=config.download,
+        normalize=config.normalize,
+    )
 
 
 def build_model(config, dataset, rngs: nnx.Rngs):
@@ -115,9 +112,10 @@ def make_augment(config):
     return augment if padding or flip else None
 
 
+@command
 def main(argv=None):
     return run_classifier(
-        sys.argv[1:] if argv is None else argv,
+        argv,
         get_config=get_config,
         load_data=load_data,
         build_model=build_model,

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
 import jdl
-from jdl.config import ConfigError
+from jdl import jsonio
+from jdl.config import ConfigError, check_choice
 from jdl.data import Dataset
 from jdl.steps import AugmentFn
 
@@ -59,13 +60,114 @@ def base_config() -> ml_collections.ConfigDict:
     c.coordinator_address = ""  # several processes: "host:port" (or JAX_COORDINATOR_ADDRESS)
     c.num_processes = 0  # 0: from JAX_NUM_PROCESSES, else one process
     c.process_id = -1  # -1: from JAX_PROCESS_ID
+    # "WORKDIR" or "WORKDIR:STEP": a new run starts from the parameters and model state of
+    # that run's checkpoint (the latest, or STEP), with this run's own optimizer. Ignored
+    # once this run's workdir holds a checkpoint: then it resumes as usual.
+    c.init_from = ""
     return c
+
+
+# The keys of `base_config` with a fixed set of values. An experiment declares its own
+# next to its `get_config` as `CONFIG_CHOICES = {"model": (...)}`; `--help` lists them all
+# and the command line rejects anything else with a did-you-mean.
+BASE_CHOICES: dict[str, tuple] = {
+    "optimizer": jdl.optim.OPTIMIZERS,
+    "schedule": jdl.optim.SCHEDULES,
+    "precision": jdl.precision.PRECISIONS,
+}
+
+
+def config_choices(get_config: Callable) -> dict[str, Sequence]:
+    """`BASE_CHOICES` plus the `CONFIG_CHOICES` of the module defining `get_config`."""
+    import sys
+
+    module = sys.modules.get(getattr(get_config, "__module__", ""), None)
+    return {**BASE_CHOICES, **getattr(module, "CONFIG_CHOICES", {})}
+
+
+def parse_experiment_command_line(
+    argv: Sequence[str], get_config: Callable[..., ml_collections.ConfigDict]
+) -> tuple[ml_collections.ConfigDict, str | None]:
+    """`jdl.parse_command_line` with the experiment's choices (see `config_choices`)."""
+    return jdl.parse_command_line(argv, get_config, choices=config_choices(get_config))
+
+
+def check_sizes(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """Each key (an int or a sequence of ints: layer widths, channels, ...) must be >= 1."""
+    for key in keys:
+        value = config[key]
+        sizes = value if isinstance(value, tuple | list) else (value,)
+        if not all(isinstance(size, int) and size >= 1 for size in sizes):
+            raise ConfigError(f"config.{key}={value!r}: every size must be a positive integer")
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises `ConfigError` for a workdir that cannot be a writable directory.
+
+    Checked before data loading and compiling; the workdir itself is not created here.
+    """
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"--workdir {workdir}: {existing} is a file, not a directory; choose another"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--workdir {workdir}: {existing} is not writable (read-only or no permission); "
+            "choose another --workdir"
+        )
+
+
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+    """("WORKDIR", STEP or None) from `config.init_from`'s "WORKDIR[:STEP]"."""
+    source, colon, step = spec.rpartition(":")
+    if colon and step.isdigit():
+        return source, int(step) or None
+    return spec, None
+
+
+def has_checkpoint(workdir: str | None) -> bool:
+    """True when `workdir/checkpoints` holds a step folder (so `fit` would resume)."""
+    if workdir is None:
+        return False
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def initial_state(state: jdl.TrainState, init_from: str, workdir: str | None) -> jdl.TrainState:
+    """`state` with the parameters and model state of `init_from`'s checkpoint.
+
+    Only for a new run: when `workdir` already holds a checkpoint, `fit` resumes from it
+    and `state` is returned unchanged. The optimizer state, step and RNG stay `state`'s,
+    so any optimizer can continue from the weights.
+
+    Raises:
+      ConfigError: `init_from` names no run with checkpoints.
+      jdl.CheckpointMismatchError: the checkpoint holds another model.
+    """
+    if not init_from or has_checkpoint(workdir):
+        return state
+    source, step = parse_init_from(init_from)
+    directory = os.path.join(source, "checkpoints")
+    if not has_checkpoint(source):
+        raise ConfigError(f"config.init_from={init_from!r}: no checkpoints in {directory}")
+    checkpointer = jdl.Checkpointer(directory)
+    try:
+        return checkpointer.restore_weights(state, step=step)
+    finally:
+        checkpointer.close()
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Rejects impossible values with one clear message, before anything compiles."""
     rules = [
         ("batch_size", config.batch_size >= 1, "must be >= 1"),
+        ("learning_rate", math.isfinite(config.learning_rate), "must be a finite number"),
         ("learning_rate", config.learning_rate > 0, "must be > 0"),
         ("warmup_steps", config.warmup_steps >= 0, "must be >= 0"),
         ("weight_decay", config.weight_decay >= 0, "must be >= 0"),
@@ -80,7 +182,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("early_stopping_patience", config.early_stopping_patience >= 0, "must be >= 0"),
         ("steps_per_dispatch", config.steps_per_dispatch >= 1, "must be >= 1"),
         ("unroll", config.unroll >= 0, "must be >= 0 (0: fully unrolled)"),
-        ("precision", config.precision in jdl.precision.PRECISIONS, "must be fp32, bf16 or auto"),
         (
             "micro_batches",
             config.micro_batches >= 1 and config.batch_size % config.micro_batches == 0,
@@ -89,9 +190,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("fsdp_min_size", config.fsdp_min_size >= 1, "must be >= 1"),
         ("num_processes", config.num_processes >= 0, "must be >= 0 (0: from the environment)"),
     ]
+    for key, allowed in BASE_CHOICES.items():
+        check_choice(key, config[key], allowed)
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    if config.init_from and not has_checkpoint(parse_init_from(config.init_from)[0]):
+        raise ConfigError(
+            f"config.init_from={config.init_from!r}: no checkpoints in "
+            f"{os.path.join(parse_init_from(config.init_from)[0], 'checkpoints')}; "
+            "give the workdir of a run that saved one"
+        )
     try:
         jdl.parallel.ShardingRules.parse(config.sharding_rules)
     except jdl.parallel.ShardingError as error:
@@ -120,47 +229,42 @@ def run_classifier(
     `make_augment(config)` builds the training augmentation (an `augment_fn` for
     `jdl.make_train_step`, or None); by default it is the random translation of
     `config.augment_max_shift` pixels. Prints `FINAL {json}` as the last line of output.
+
+    Raises:
+      jdl.UserError: a bad config or workdir (before anything is loaded or compiled), data
+        that does not fit, a checkpoint of another model; the workdir is left as it was.
+        The experiment's `main` is a `jdl.cli.command`, which turns these into one
+        `error:` line.
     """
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_config(config)
-        if check_extra is not None:
-            check_extra(config)
-        mesh, sharding_rules = setup_devices(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    config, workdir = parse_experiment_command_line(argv, get_config)
+    check_config(config)
+    if check_extra is not None:
+        check_extra(config)
+    jdl.config.check_choices(config, config_choices(get_config))
     workdir = workdir or default_workdir
-    with _workdir_lock(workdir):  # before the run record: a refused run must not touch it
-        return _train_classifier(
-            argv, config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
-        )
+    check_workdir(workdir)
+    mesh, sharding_rules = setup_devices(config)
+    return _train_classifier(
+        config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
+    )
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: str):
-    """Holds the run directory's lock on process 0 (`fit` re-enters it); exits if it is busy."""
+def workdir_lock(workdir: str):
+    """Holds the run directory's lock on process 0 (`fit` re-enters it)."""
     if jax.process_index() != 0:
         yield
         return
-    lock = jdl.WorkdirLock(workdir)
-    try:
-        lock.acquire()
-    except jdl.WorkdirLockedError as error:
-        sys.exit(f"error: {error}")
-    try:
+    with jdl.WorkdirLock(workdir):
         yield
-    finally:
-        lock.release()
 
 
 def _train_classifier(
-    argv, config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
+    config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
 ) -> dict:
     started = time.perf_counter()
     if config.compilation_cache:
         jdl.enable_compilation_cache()
-    if jax.process_index() == 0:
-        jdl.write_run_record(workdir, config, argv)
 
     dataset = load_data(config)
     train_split, eval_split = dataset["train"], dataset["test"]
@@ -168,6 +272,7 @@ def _train_classifier(
         train_split, eval_split = jdl.data.stratified_split(
             train_split, fraction=config.validation_fraction, seed=config.seed
         )
+    check_batch_fits(config.batch_size, len(train_split["y"]))
     if jax.process_count() > 1:  # each process keeps only its rows (jdl.parallel)
         rows = jdl.parallel.process_rows(len(train_split["y"]), mesh)
         train_split = jdl.parallel.global_arrays({k: v[rows] for k, v in train_split.items()}, mesh)
@@ -179,11 +284,12 @@ def _train_classifier(
             batch_size=config.batch_size,
         )
     except ConfigError as error:
-        sys.exit(f"error: config.duration: {error}")
+        raise ConfigError(f"config.duration: {error}") from None
 
     model = build_model(config, dataset, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     tx, schedule = make_config_optimizer(config, num_steps)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
+    state = initial_state(state, config.init_from, workdir)
     loss_fn = jdl.classification_loss(label_smoothing=config.label_smoothing)
     if make_augment is None:
         augment = translate_augmentation(config.augment_max_shift)
@@ -196,42 +302,60 @@ def _train_classifier(
         f"devices: {jax.devices()}",
         flush=True,
     )
-    result = jdl.fit(
-        state,
-        train_step=jdl.make_train_step(
-            loss_fn,
-            lr_schedule=schedule,
-            augment_fn=augment,
-            skip_nonfinite=config.skip_nonfinite,
-            precision=config.precision,
-            micro_batches=config.micro_batches,
-        ),
-        train_data=train_data,
-        num_steps=num_steps,
-        eval_step=jdl.make_eval_step(loss_fn, precision=config.precision),
-        eval_data=eval_split,
-        eval_every=config.eval_every,
-        log_every=config.log_every,
-        workdir=workdir,
-        checkpoint_every=config.checkpoint_every,
-        max_to_keep=config.max_to_keep,
-        best_metric="accuracy" if config.validation_fraction > 0 else None,
-        early_stopping_patience=config.early_stopping_patience,
-        steps_per_dispatch=config.steps_per_dispatch,
-        unroll=config.unroll or True,
-        progress=config.progress,
-        mesh=mesh,
-        sharding_rules=sharding_rules,
-    )
-    test = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)(result.state, dataset["test"])
-    final = {
-        "test_accuracy": round(test["accuracy"], 4),
-        "test_loss": round(test["loss"], 4),
-        "train_loss": round(result.train_metrics.get("loss", float("nan")), 4),
-        "steps": result.step,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return report_final(final, workdir)
+    with workdir_lock(workdir):  # taken here: nothing before it writes to the workdir
+        result = jdl.fit(
+            state,
+            train_step=jdl.make_train_step(
+                loss_fn,
+                lr_schedule=schedule,
+                augment_fn=augment,
+                skip_nonfinite=config.skip_nonfinite,
+                precision=config.precision,
+                micro_batches=config.micro_batches,
+            ),
+            train_data=train_data,
+            num_steps=num_steps,
+            eval_step=jdl.make_eval_step(loss_fn, precision=config.precision),
+            eval_data=eval_split,
+            eval_every=config.eval_every,
+            log_every=config.log_every,
+            workdir=workdir,
+            checkpoint_every=config.checkpoint_every,
+            max_to_keep=config.max_to_keep,
+            best_metric="accuracy" if config.validation_fraction > 0 else None,
+            early_stopping_patience=config.early_stopping_patience,
+            steps_per_dispatch=config.steps_per_dispatch,
+            unroll=config.unroll or True,
+            progress=config.progress,
+            mesh=mesh,
+            sharding_rules=sharding_rules,
+            run_config=config,
+        )
+        test = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)(result.state, dataset["test"])
+        final = {
+            "test_accuracy": round(test["accuracy"], 4),
+            "test_loss": round(test["loss"], 4),
+            "train_loss": finite_round(result.train_metrics.get("loss")),
+            "steps": result.step,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        return report_final(final, workdir, finished=result.was_finished)
+
+
+def check_batch_fits(batch_size: int, num_examples: int, key: str = "batch_size") -> None:
+    """Raises `ConfigError` when one batch needs more examples than the training set has."""
+    if batch_size > num_examples:
+        raise ConfigError(
+            f"config.{key}={batch_size} is larger than the {num_examples} training examples; "
+            f"use at most {num_examples}"
+        )
+
+
+def finite_round(value: float | None, digits: int = 4) -> float | None:
+    """`value` rounded, or None when there is none (JSON null, never NaN)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
 
 
 def setup_devices(config: ml_collections.ConfigDict):
@@ -284,12 +408,14 @@ def fit_and_test(
     duration: str | int | None = None,
     loss_fn: jdl.steps.LossFn | None = None,
     wrap_optimizer: Callable | None = None,
+    init_from: str = "",
 ) -> tuple[jdl.FitResult, dict[str, float]]:
     """Trains `model` on dataset["train"] with a `base_config` config's optimizer and loop
     settings, then measures loss and accuracy on dataset["test"].
 
     For experiments that train several models in one run (a teacher and a student, one
-    model per sparsity, ...) and so cannot use `run_classifier`.
+    model per sparsity, ...) and so cannot use `run_classifier`. `config` is recorded in
+    `workdir` by `jdl.fit` (config.json, run.json) once its restore checks pass.
 
     Args:
       config: a checked `base_config`-style config (seed, batch size, optimizer, ...).
@@ -300,13 +426,16 @@ def fit_and_test(
       loss_fn: training loss (default: `jdl.classification_loss` with the config's label
         smoothing); the test split is always scored with the plain classification loss.
       wrap_optimizer: `(tx, num_steps) -> tx`, e.g. to add pruning around the optimizer.
+      init_from: "WORKDIR[:STEP]": start from that run's weights (see `initial_state`).
 
     Returns:
       (the `FitResult`, {"loss", "accuracy"} on the test split).
 
     Raises:
-      ConfigError: the duration cannot be parsed.
+      ConfigError: the duration cannot be parsed, or the batch is larger than the
+        training set.
     """
+    check_batch_fits(config.batch_size, len(dataset["train"]["y"]))
     train_data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)
     num_steps = jdl.parse_duration(
         config.duration if duration is None else duration,
@@ -317,6 +446,7 @@ def fit_and_test(
     if wrap_optimizer is not None:
         tx = wrap_optimizer(tx, num_steps)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
+    state = initial_state(state, init_from, workdir)
     scoring = jdl.make_eval_step(jdl.classification_loss())
     result = jdl.fit(
         state,
@@ -340,6 +470,7 @@ def fit_and_test(
         steps_per_dispatch=config.steps_per_dispatch,
         unroll=config.unroll or True,
         progress=config.progress,
+        run_config=config,
     )
     test = jdl.make_evaluator(scoring, 1000)(result.state, dataset["test"])
     return result, test
@@ -351,41 +482,92 @@ def start_run(
     name: str,
     *checks: Callable[[ml_collections.ConfigDict], None],
 ) -> tuple[ml_collections.ConfigDict, str]:
-    """The start every experiment shares: config, checks, workdir, cache, run record.
+    """The start every experiment shares: config, checks, workdir, cache.
 
-    Reads the command line, runs each `check(config)` (one `error: ...` line and exit on a
-    `ConfigError`, before anything compiles), resolves the workdir (`workdirs/NAME` by
-    default), turns on the compilation cache when `config.compilation_cache` says so, and
-    writes the run record (process 0).
+    Reads the command line, runs each `check(config)` and the declared choices (a
+    `ConfigError` before anything compiles), checks the workdir (`workdirs/NAME` by
+    default) can be written, and turns on the compilation cache when
+    `config.compilation_cache` says so. Writes nothing: the run records are written by
+    `jdl.fit` (`run_config=`) or `record_run` once the restore checks pass, so a refused
+    resume leaves the earlier records intact.
 
     Returns:
       (config, workdir).
     """
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        for check in checks:
-            check(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    config, workdir = parse_experiment_command_line(argv, get_config)
+    for check in checks:
+        check(config)
+    jdl.config.check_choices(config, config_choices(get_config))
     workdir = workdir or default_workdir(name)
+    check_workdir(workdir)
     if config.compilation_cache:
         jdl.enable_compilation_cache()
-    if jax.process_index() == 0:
-        jdl.write_run_record(workdir, config, argv)
     return config, workdir
 
 
-def report_final(final: dict, workdir: str) -> dict:
-    """Writes `final.json` to the workdir (process 0) and prints `FINAL {json}`, the last line.
+def reject_init_from(config: ml_collections.ConfigDict) -> None:
+    """A check for experiments that train several models: `init_from` is for one model."""
+    if config.get("init_from"):
+        raise ConfigError(
+            f"config.init_from={config.init_from!r}: this experiment trains several models "
+            "from scratch and cannot start from one checkpoint; leave config.init_from empty"
+        )
 
-    Returns `final`.
+
+def record_run(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """`jdl.write_run_record` on process 0: for experiments whose own workdir has no `fit`.
+
+    Call it once the run can no longer be refused (after the first `fit` has restored or
+    started), so that a refused resume never rewrites the earlier records.
     """
     if jax.process_index() == 0:
+        jdl.write_run_record(workdir, config, argv)
+
+
+def report_final(
+    final: dict, workdir: str, *, finished: bool = False, extra: Mapping | None = None
+) -> dict:
+    """Records the final metrics in `final.json` (process 0) and prints `FINAL {json}`.
+
+    The experiment's keys are merged into the `final.json` that `jdl.fit` wrote (its
+    `step`, `train`, `eval`, `best` and `stopped_early` stay), written without NaN or
+    Infinity (`jdl.jsonio`). `extra` goes to the file only, not to the FINAL line.
+
+    When `finished` (the workdir already held the finished run, so nothing trained), the
+    file is left as it is and FINAL repeats what was reported the first time: the
+    recorded value of each of `final`'s keys ("seconds" included); keys the record lacks
+    take this call's value.
+
+    Returns:
+      The dict printed after `FINAL `.
+    """
+    path = os.path.join(workdir, "final.json")
+    recorded = _read_final(path)
+    if finished and all(key in recorded for key in final):
+        final = {key: recorded[key] for key in final}
+    elif jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "final.json"), "w") as f:
-            json.dump(final, f)
-    print("FINAL " + json.dumps(final), flush=True)
+        nonfinite = {**recorded.get(jsonio.NONFINITE_KEY, {})}
+        merged = {**recorded, **final, **(extra or {})}
+        for key in list(nonfinite):  # reasons for values that this call replaced
+            if key.split(".")[0] in final or key.split(".")[0] in (extra or {}):
+                del nonfinite[key]
+        merged.pop(jsonio.NONFINITE_KEY, None)
+        if nonfinite:
+            merged[jsonio.NONFINITE_KEY] = nonfinite
+        jsonio.write_json(path, merged)
+    final = jsonio.to_json_safe(final)
+    print("FINAL " + json.dumps(final, allow_nan=False), flush=True)
     return final
+
+
+def _read_final(path: str) -> dict:
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def make_config_optimizer(config: ml_collections.ConfigDict, num_steps: int):

@@ -23,7 +23,6 @@ Last line: FINAL {"teacher_accuracy": [...], "student_alone_accuracy": [...],
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -33,10 +32,14 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
+    check_sizes,
     fit_and_test,
+    record_run,
+    reject_init_from,
     report_final,
     start_run,
 )
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques.distill import distillation_loss
 
@@ -74,6 +77,8 @@ def check_distill_config(config) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    check_sizes(config, "teacher_hidden", "student_hidden")
+    reject_init_from(config)
     jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
 
 
@@ -82,14 +87,15 @@ def mlp(hidden, dropout: float, seed: int, num_classes: int) -> nnx.Module:
     return jdl.models.MLP(28 * 28, hidden, num_classes, dropout=dropout, rngs=rngs)
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(
         argv, get_config, "distill_mnist", check_config, check_distill_config
     )
     started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     classes = dataset.num_classes
+    finished = []  # whether each fit found its run already finished
     results = {
         "teacher_accuracy": [],
         "student_alone_accuracy": [],
@@ -107,13 +113,13 @@ def main(argv=None):
             mlp(config.teacher_hidden, config.teacher_dropout, seed, classes),
             workdir=os.path.join(run_dir, "teacher"),
         )
-        _, alone_test = fit_and_test(
+        alone, alone_test = fit_and_test(
             seeded,
             dataset,
             mlp(config.student_hidden, 0.0, seed + 100, classes),
             workdir=os.path.join(run_dir, "student_alone"),
         )
-        _, distilled_test = fit_and_test(
+        distilled, distilled_test = fit_and_test(
             seeded,
             dataset,
             mlp(config.student_hidden, 0.0, seed + 100, classes),
@@ -122,6 +128,9 @@ def main(argv=None):
                 teacher.state, temperature=config.temperature, alpha=config.alpha
             ),
         )
+        finished += [teacher.was_finished, alone.was_finished, distilled.was_finished]
+        if seed == config.seed:  # every model of the run has passed its restore checks
+            record_run(workdir, config, argv)
         for name, test in [
             ("teacher_accuracy", teacher_test),
             ("student_alone_accuracy", alone_test),
@@ -139,8 +148,7 @@ def main(argv=None):
         "mean_gain": round(float(np.mean(gains)), 4),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir, finished=all(finished))
 
 
 if __name__ == "__main__":

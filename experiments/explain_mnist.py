@@ -22,7 +22,6 @@ Last line: FINAL {"test_accuracy": ..., "ig_completeness_error": ..., "png": ...
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -34,10 +33,12 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
+    check_sizes,
     fit_and_test,
     report_final,
     start_run,
 )
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import explain
 
@@ -74,6 +75,7 @@ def check_explain_config(config) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    check_sizes(config, "conv_channels", "dense_sizes")
     jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
 
 
@@ -99,8 +101,8 @@ def attribution_maps(config, model: nnx.Module, images: jax.Array, target: jax.A
     }
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(
         argv, get_config, "explain_mnist", check_config, check_explain_config
     )
@@ -114,7 +116,7 @@ def main(argv=None):
         dense_sizes=config.dense_sizes,
         rngs=nnx.Rngs(params=config.seed),
     )
-    result, test = fit_and_test(config, dataset, model, workdir=workdir)
+    result, test = fit_and_test(config, dataset, model, workdir=workdir, init_from=config.init_from)
     model = result.state.model()
     model.eval()
     images = jnp.asarray(dataset["test"]["x"][: config.num_images])
@@ -124,7 +126,7 @@ def main(argv=None):
         maps = jax.jit(lambda x, t: attribution_maps(config, model, x, t))(images, predicted)
         maps = {name: maps[name] for name in METHODS}  # jit returns the keys sorted
     except ValueError as error:  # e.g. a cam_layer the model does not have
-        sys.exit(f"error: config.cam_layer: {error}")
+        raise ConfigError(f"config.cam_layer: {error}") from error
     logits = model(images)[jnp.arange(len(labels)), predicted]
     baseline = model(jnp.zeros_like(images))[jnp.arange(len(labels)), predicted]
     ig_sums = jnp.sum(maps["integrated gradients"], axis=(1, 2, 3))
@@ -143,8 +145,7 @@ def main(argv=None):
         "steps": result.step,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir, finished=result.was_finished)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Last line: FINAL {"rounds": [...], "iid": [...], "dirichlet": [...], "shards": [
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -32,7 +31,8 @@ import optax
 from flax import nnx
 
 import jdl
-from experiments.common import report_final, start_run
+from experiments.common import check_sizes, record_run, report_final, start_run
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import federated
 
@@ -81,6 +81,7 @@ def check_federated_config(config) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    check_sizes(config, "hidden_sizes")
 
 
 def client_split(config, name: str, labels):
@@ -139,13 +140,14 @@ def train_federated(config, dataset, name: str, workdir: str) -> list[float]:
     return accuracies
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(argv, get_config, "federated_mnist", check_federated_config)
     started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     rounds = sorted(set(config.report_rounds))
     config.report_rounds = tuple(rounds)
+    record_run(workdir, config, argv)  # no checkpoints: every run trains from scratch
     table = {
         name: train_federated(config, dataset, name, os.path.join(workdir, name))
         for name in config.splits
@@ -155,8 +157,7 @@ def main(argv=None):
     for i, round_number in enumerate(rounds):
         print(f"| {round_number} | " + " | ".join(f"{v[i]:.4f}" for v in table.values()) + " |")
     final = {"rounds": rounds, **table, "seconds": round(time.perf_counter() - started, 1)}
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds
 
 from __future__ import annotations
 
-import sys
-
 from flax import nnx
 
 import jdl
-from experiments.common import default_workdir, run_classifier
+from experiments.common import check_sizes, default_workdir, run_classifier
 from experiments.mnist1d_common import SEQUENCE_LENGTH, load_data, mnist1d_config, with_roll
+from jdl.cli import command
 
 
 def get_config(arg: str | None = None):
@@ -60,12 +59,19 @@ def build_model(config, dataset, rngs: nnx.Rngs):
     return with_roll(config, cnn, rngs)
 
 
+def check_extra(config) -> None:
+    """The model's sizes must be positive; one clear `ConfigError`."""
+    check_sizes(config, "conv_channels", "kernel_size", "dense_sizes")
+
+
+@command
 def main(argv=None):
     return run_classifier(
-        sys.argv[1:] if argv is None else argv,
+        argv,
         get_config=get_config,
         load_data=load_data,
         build_model=build_model,
+        check_extra=check_extra,
         default_workdir=default_workdir("mnist1d_cnn"),
     )
 

@@ -9,8 +9,6 @@ model that is active in train mode only (config.roll_max_shift).
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +16,7 @@ from flax import nnx
 
 import jdl
 from experiments.common import base_config
+from jdl.config import ConfigError
 
 SEQUENCE_LENGTH = 40  # MNIST-1D signals: (B, 40, 1)
 
@@ -33,17 +32,16 @@ def mnist1d_config() -> ml_collections.ConfigDict:
 def load_data(config: ml_collections.ConfigDict) -> jdl.data.Dataset:
     """MNIST-1D with the package's default arguments, after checking the 1D-only keys.
 
-    Exits with one `error:` line for config values that cannot work on 1D signals.
+    Raises `ConfigError` for config values that cannot work on 1D signals.
     """
     if config.augment_max_shift:
-        sys.exit(
-            f"error: config.augment_max_shift={config.augment_max_shift!r} translates 2D "
+        raise ConfigError(
+            f"config.augment_max_shift={config.augment_max_shift!r} translates 2D "
             "images; MNIST-1D signals are shifted with config.roll_max_shift"
         )
     if not 0 <= config.roll_max_shift < SEQUENCE_LENGTH:
-        sys.exit(
-            f"error: config.roll_max_shift={config.roll_max_shift!r} must be in "
-            f"[0, {SEQUENCE_LENGTH})"
+        raise ConfigError(
+            f"config.roll_max_shift={config.roll_max_shift!r} must be in [0, {SEQUENCE_LENGTH})"
         )
     return jdl.data.load_mnist1d(data_dir=config.data_dir or None)
 

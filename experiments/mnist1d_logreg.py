@@ -15,13 +15,12 @@ Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds
 
 from __future__ import annotations
 
-import sys
-
 from flax import nnx
 
 import jdl
 from experiments.common import default_workdir, run_classifier
 from experiments.mnist1d_common import SEQUENCE_LENGTH, load_data, mnist1d_config
+from jdl.cli import command
 
 
 def get_config(arg: str | None = None):
@@ -40,9 +39,10 @@ def build_model(config, dataset, rngs: nnx.Rngs):
     return jdl.models.MLP(SEQUENCE_LENGTH, (), dataset.num_classes, rngs=rngs)
 
 
+@command
 def main(argv=None):
     return run_classifier(
-        sys.argv[1:] if argv is None else argv,
+        argv,
         get_config=get_config,
         load_data=load_data,
         build_model=build_model,

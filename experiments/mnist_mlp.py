@@ -15,12 +15,11 @@ Last line: FINAL {"test_accuracy": ..., ...}
 
 from __future__ import annotations
 
-import sys
-
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, default_workdir, run_classifier
+from experiments.common import base_config, check_sizes, default_workdir, run_classifier
+from jdl.cli import command
 
 
 def get_config(arg: str | None = None):
@@ -42,12 +41,19 @@ def build_model(config, dataset, rngs: nnx.Rngs):
     return jdl.models.MLP(784, config.hidden_sizes, dataset.num_classes, rngs=rngs)
 
 
+def check_extra(config) -> None:
+    """The model's sizes must be positive; one clear `ConfigError`."""
+    check_sizes(config, "hidden_sizes")
+
+
+@command
 def main(argv=None):
     return run_classifier(
-        sys.argv[1:] if argv is None else argv,
+        argv,
         get_config=get_config,
         load_data=load_data,
         build_model=build_model,
+        check_extra=check_extra,
         default_workdir=default_workdir("mnist_mlp"),
     )
 

@@ -24,7 +24,6 @@ test ~0.85) than the regularised run's, whose test accuracy is higher; see BENCH
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -33,7 +32,15 @@ import numpy as np
 from flax import nnx
 
 import jdl
-from experiments.common import default_workdir, report_final
+from experiments.common import (
+    check_sizes,
+    check_workdir,
+    default_workdir,
+    parse_experiment_command_line,
+    record_run,
+    report_final,
+)
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.data import augment
 
@@ -76,6 +83,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={c[key]!r} {requirement}")
+    check_sizes(c, "hidden_sizes")
 
 
 def load_splits(c: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
@@ -106,7 +114,8 @@ def make_augment(c: ml_collections.ConfigDict):
 
 
 def train_once(c, splits, *, regularised: bool, workdir: str) -> dict:
-    """One run; returns its accuracies and the (step, train loss, validation loss) curve."""
+    """One run: its accuracies, the (step, train loss, validation loss) curve and whether
+    the workdir already held the finished run (under "finished")."""
     model = jdl.models.MLP(
         784,
         c.hidden_sizes,
@@ -140,6 +149,7 @@ def train_once(c, splits, *, regularised: bool, workdir: str) -> dict:
         steps_per_dispatch=10,
         unroll=1,
         progress=c.progress,
+        run_config=c,
     )
     state = result.state
     if regularised and c.patience:  # the model we keep is the best one on validation
@@ -163,6 +173,7 @@ def train_once(c, splits, *, regularised: bool, workdir: str) -> dict:
         "steps": result.step,
         "best_step": (result.best or {}).get("step"),
         "curve": curve,
+        "finished": result.was_finished,
     }
 
 
@@ -193,28 +204,29 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, workdir = jdl.parse_command_line(argv, get_config)
-        check_config(config)
-        splits = load_splits(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    config, workdir = parse_experiment_command_line(argv, get_config)
+    check_config(config)
     workdir = workdir or default_workdir("overfitting_demo")
+    check_workdir(workdir)
+    splits = load_splits(config)
     started = time.perf_counter()
-    jdl.write_run_record(workdir, config, argv)
-    runs = {
-        name: train_once(
+    runs = {}
+    for name in ("plain", "regularised"):
+        runs[name] = train_once(
             config, splits, regularised=name == "regularised", workdir=os.path.join(workdir, name)
         )
-        for name in ("plain", "regularised")
-    }
+        if name == "plain":  # the first model has passed its restore checks
+            record_run(workdir, config, argv)
     plot(runs, os.path.join(workdir, "curves.png"))
-    final = {name: {k: v for k, v in run.items() if k != "curve"} for name, run in runs.items()}
+    final = {
+        name: {k: v for k, v in run.items() if k not in ("curve", "finished")}
+        for name, run in runs.items()
+    }
     final["seconds"] = round(time.perf_counter() - started, 1)
-    report_final(final, workdir)
-    return final
+    finished = all(run["finished"] for run in runs.values())
+    return report_final(final, workdir, finished=finished)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Last line: FINAL {"sparsity": [...], "measured_sparsity": [...], "test_accuracy"
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from flax import nnx
@@ -30,10 +29,14 @@ import jdl
 from experiments.common import (
     base_config,
     check_config,
+    check_sizes,
     fit_and_test,
+    record_run,
+    reject_init_from,
     report_final,
     start_run,
 )
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import prune
 
@@ -68,6 +71,8 @@ def check_prune_config(config) -> None:
         )
     if config.prune_every < 1:
         raise ConfigError(f"config.prune_every={config.prune_every} must be >= 1")
+    check_sizes(config, "hidden_sizes")
+    reject_init_from(config)
     jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
 
 
@@ -86,12 +91,12 @@ def pruning(config, target: float):
     return wrap
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(argv, get_config, "prune_mnist", check_config, check_prune_config)
     started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
-    rows = []
+    rows, finished = [], []
     for target in config.sparsities:
         model = jdl.models.MLP(
             28 * 28,
@@ -106,6 +111,9 @@ def main(argv=None):
             workdir=os.path.join(workdir, f"sparsity_{target:g}"),
             wrap_optimizer=pruning(config, target),
         )
+        finished.append(result.was_finished)
+        if len(finished) == 1:  # the model has passed its restore checks
+            record_run(workdir, config, argv)
         measured = prune.sparsity_report(result.state.params)
         rows.append((target, measured["total"], test["accuracy"]))
         print(f"target {target:.2f}: measured {measured}", flush=True)
@@ -119,8 +127,7 @@ def main(argv=None):
         "test_accuracy": [round(r[2], 4) for r in rows],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir, finished=all(finished))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 import jax
@@ -32,7 +31,16 @@ import numpy as np
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, check_config, report_final, start_run
+from experiments.common import (
+    base_config,
+    check_batch_fits,
+    check_config,
+    record_run,
+    reject_init_from,
+    report_final,
+    start_run,
+)
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import quantize
 
@@ -63,10 +71,12 @@ def check_quantize_config(config) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    reject_init_from(config)
 
 
 def train(model, data, duration, learning_rate, config, workdir):
-    """Adam on cross-entropy with `jdl.fit`; returns the trained model (eval mode)."""
+    """Adam on cross-entropy with `jdl.fit`; returns (the trained model in eval mode,
+    whether the workdir already held the finished run)."""
     num_steps = jdl.parse_duration(
         duration, steps_per_epoch=data.steps_per_epoch, batch_size=config.batch_size
     )
@@ -81,10 +91,11 @@ def train(model, data, duration, learning_rate, config, workdir):
         workdir=workdir,
         steps_per_dispatch=config.steps_per_dispatch,
         progress=config.progress,
+        run_config=config,
     )
     trained = result.state.model()
     trained.eval()
-    return trained
+    return trained, result.was_finished
 
 
 def forward_fn(model):
@@ -126,29 +137,30 @@ def report(model, test, config) -> dict:
     }
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(argv, get_config, "quantize_mnist", check_quantize_config)
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
+    check_batch_fits(config.batch_size, len(dataset["train"]["y"]))
     data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)
     test = dataset["test"]
     sample = jnp.asarray(test["x"][:8])
-    try:
-        model = jdl.models.MLP(
-            784, config.hidden_sizes, dataset.num_classes, rngs=nnx.Rngs(config.seed)
-        )
-        fp32 = train(model, data, config.duration, config.learning_rate, config, f"{workdir}/fp32")
-        qat_model = quantize.quantize_qat(fp32, sample, activations=True)
-        qat_trained = train(
-            qat_model,
-            data,
-            config.qat_duration,
-            config.qat_learning_rate,
-            config,
-            f"{workdir}/qat",
-        )
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    model = jdl.models.MLP(
+        784, config.hidden_sizes, dataset.num_classes, rngs=nnx.Rngs(config.seed)
+    )
+    fp32, fp32_finished = train(
+        model, data, config.duration, config.learning_rate, config, f"{workdir}/fp32"
+    )
+    qat_model = quantize.quantize_qat(fp32, sample, activations=True)
+    qat_trained, qat_finished = train(
+        qat_model,
+        data,
+        config.qat_duration,
+        config.qat_learning_rate,
+        config,
+        f"{workdir}/qat",
+    )
+    record_run(workdir, config, argv)  # both models have passed their restore checks
     print(f"{dataset.source}; test {len(test['y'])} examples", flush=True)
     variants = {
         "fp32": fp32,
@@ -160,8 +172,7 @@ def main(argv=None):
     for name, variant in variants.items():
         final[name] = report(variant, test, config)
         print(f"{name:7s} {json.dumps(final[name])}", flush=True)
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir, finished=fp32_finished and qat_finished)
 
 
 if __name__ == "__main__":

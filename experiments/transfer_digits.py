@@ -22,7 +22,6 @@ Last line: FINAL {"finetune_accuracy": [...], "scratch_accuracy": [...], "finetu
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -30,7 +29,16 @@ import optax
 from flax import nnx
 
 import jdl
-from experiments.common import base_config, check_config, report_final, start_run
+from experiments.common import (
+    base_config,
+    check_config,
+    check_sizes,
+    record_run,
+    reject_init_from,
+    report_final,
+    start_run,
+)
+from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import transfer
 
@@ -71,6 +79,8 @@ def check_transfer_config(config) -> None:
     for key, ok, requirement in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
+    check_sizes(config, "conv_channels", "dense_sizes")
+    reject_init_from(config)
     if config.finetune_batch_size > config.shots * len(TARGET_CLASSES):
         raise ConfigError(
             f"config.finetune_batch_size={config.finetune_batch_size} exceeds the "
@@ -167,11 +177,12 @@ def check_duration(config) -> None:
     jdl.parse_duration(config.duration, steps_per_epoch=1, batch_size=config.batch_size)
 
 
+@command
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     config, workdir = start_run(
         argv, get_config, "transfer_digits", check_transfer_config, check_duration
     )
+    record_run(workdir, config, argv)  # no checkpoints: every run trains from scratch
     started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     pretrain_split = select_classes(dataset["train"], PRETRAIN_CLASSES)
@@ -197,8 +208,7 @@ def main(argv=None):
         "scratch_mean": round(float(np.mean(scratch)), 4),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report_final(final, workdir)
-    return final
+    return report_final(final, workdir)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ Last line: FINAL {"test_accuracy": ..., "test_loss": ..., "steps": ..., "seconds
 
 from __future__ import annotations
 
-import sys
-
 from flax import nnx
 
 import jdl
 from experiments.common import base_config, default_workdir, run_classifier
+from jdl.cli import command
 from jdl.config import ConfigError
 
 
@@ -93,9 +92,10 @@ def build_model(config, dataset, rngs: nnx.Rngs):
     )
 
 
+@command
 def main(argv=None):
     return run_classifier(
-        sys.argv[1:] if argv is None else argv,
+        argv,
         get_config=get_config,
         load_data=load_data,
         build_model=build_model,
