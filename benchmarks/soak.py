@@ -23,6 +23,17 @@ The last line is
     SOAK PASS|FAIL steps=<n> host_growth_mib=<x> device_growth_mib=<y>
 
 and the process exits with status 1 on FAIL.
+
+Checkpoint overhead:
+    python -m benchmarks.soak --checkpoint-overhead [--repeats 7] [--mlp-hidden 4096]
+
+instead times `Checkpointer.save` (the call, and the call plus the wait for the
+asynchronous write) and `Checkpointer.restore` of two Adam `TrainState`s, the MNIST CNN
+and an MLP 1024-H-H-10 (H=4096: 21M parameters, 63M arrays values with Adam's moments),
+with and without checksums, alternating the two in each repeat (the first repeat warms
+up and is left out). It prints the medians and, per model, a line
+
+    CHECKPOINT <model> params=<n> mib=<x> save+restore off=<s> on=<s> ratio=<on/off>
 """
 
 from __future__ import annotations
@@ -128,6 +139,84 @@ def run(args: argparse.Namespace, workdir: str | None) -> bool:
     return passed
 
 
+def checkpoint_states(mlp_hidden: int) -> dict[str, jdl.TrainState]:
+    """The states `--checkpoint-overhead` saves: the MNIST CNN and a wide MLP, with Adam."""
+    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-3)
+    models = {
+        "mnist_cnn": jdl.models.MODELS["mnist_cnn"](rngs=nnx.Rngs(0)),
+        f"mlp_1024x{mlp_hidden}x{mlp_hidden}": jdl.models.MLP(
+            1024, (mlp_hidden, mlp_hidden), 10, rngs=nnx.Rngs(0)
+        ),
+    }
+    return {name: jdl.TrainState.create(model, tx, seed=0) for name, model in models.items()}
+
+
+def time_checkpoints(state, repeats: int, directory: str) -> dict[str, dict[str, float]]:
+    """{"off"|"on": {"save_call", "save", "restore": median seconds}} over `repeats`
+    save/restore rounds, checksums off and on alternating within each round."""
+    checkpointers = {
+        mode: jdl.Checkpointer(os.path.join(directory, mode), max_to_keep=2, checksums=on)
+        for mode, on in (("off", False), ("on", True))
+    }
+    times = {mode: {"save_call": [], "save": [], "restore": []} for mode in checkpointers}
+    for step in range(repeats + 1):  # round 0 warms up (compiles, first files)
+        for mode, checkpointer in checkpointers.items():
+            jax.block_until_ready(state)
+            started = time.perf_counter()
+            checkpointer.save(step, state)
+            called = time.perf_counter()
+            checkpointer.wait()
+            saved = time.perf_counter()
+            restored = checkpointer.restore(state, step=step)
+            jax.block_until_ready(restored.state)
+            done = time.perf_counter()
+            if step > 0:
+                times[mode]["save_call"].append(called - started)
+                times[mode]["save"].append(saved - started)
+                times[mode]["restore"].append(done - saved)
+    for checkpointer in checkpointers.values():
+        checkpointer.close()
+    return {
+        mode: {what: float(np.median(values)) for what, values in by_what.items()}
+        for mode, by_what in times.items()
+    }
+
+
+def checkpoint_overhead(args: argparse.Namespace) -> dict[str, float]:
+    """Prints the save/restore medians with and without checksums; returns the ratios."""
+    ratios = {}
+    print(
+        f"{'model':>22} {'params':>11} {'MiB':>7} {'checksums':>9} {'save call s':>11} "
+        f"{'save s':>8} {'restore s':>9}",
+        flush=True,
+    )
+    for name, state in checkpoint_states(args.mlp_hidden).items():
+        leaves = jax.tree.leaves(state)
+        mib = sum(np.asarray(jax.random.key_data(x) if _is_key(x) else x).nbytes for x in leaves)
+        params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+        with tempfile.TemporaryDirectory(prefix="jdl-ckpt-bench-") as directory:
+            medians = time_checkpoints(state, args.repeats, directory)
+        for mode, m in medians.items():
+            print(
+                f"{name:>22} {params:>11,} {mib / MIB:>7.1f} {mode:>9} {m['save_call']:>11.4f} "
+                f"{m['save']:>8.4f} {m['restore']:>9.4f}",
+                flush=True,
+            )
+        off = medians["off"]["save"] + medians["off"]["restore"]
+        on = medians["on"]["save"] + medians["on"]["restore"]
+        ratios[name] = on / off
+        print(
+            f"CHECKPOINT {name} params={params} mib={mib / MIB:.1f} save+restore "
+            f"off={off:.4f} on={on:.4f} ratio={on / off:.3f}",
+            flush=True,
+        )
+    return ratios
+
+
+def _is_key(x) -> bool:
+    return jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000, help="total training steps")
@@ -136,6 +225,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-host-growth-mib", type=float, default=32.0)
     parser.add_argument("--max-device-growth-mib", type=float, default=1.0)
     parser.add_argument("--no-workdir", action="store_true", help="no logs or checkpoints")
+    parser.add_argument(
+        "--checkpoint-overhead",
+        action="store_true",
+        help="time checkpoint save/restore with and without checksums instead of the soak",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed checkpoint rounds")
+    parser.add_argument("--mlp-hidden", type=int, default=4096, help="width of the timed MLP")
     args = parser.parse_args(argv)
     if args.every < 1 or args.steps < args.every:
         parser.error(f"need 1 <= --every <= --steps, got --every {args.every} --steps {args.steps}")
@@ -144,6 +240,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> bool:
     args = parse_args(argv)
+    if args.checkpoint_overhead:
+        print(f"checkpoint overhead: {args.repeats} rounds; devices {jax.devices()}")
+        checkpoint_overhead(args)
+        return True
     print(f"soak: {args.steps} steps, a sample every {args.every}; devices {jax.devices()}")
     if args.no_workdir:
         return run(args, None)

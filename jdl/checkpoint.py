@@ -578,12 +578,15 @@ def _device_checksums(leaves: list[jax.Array]) -> jax.Array:
     rows = []
     for leaf in leaves:
         words = _device_words(leaf)
-        weights = _position_weights(words.shape)
-        rows.append(
-            jnp.stack(
-                [jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]
-            )
+        # One variadic reduce for both sums: XLA:CPU turns a lone integer `jnp.sum` into
+        # a slow tree of windowed reductions (5x slower here on a 4096x4096 array).
+        plain, weighted = jax.lax.reduce(
+            (words, words * _position_weights(words.shape)),
+            (jnp.uint32(0), jnp.uint32(0)),
+            lambda a, b: (a[0] + b[0], a[1] + b[1]),
+            tuple(range(words.ndim)),
         )
+        rows.append(jnp.stack([plain, weighted]))
     return jnp.stack(rows)
 
 

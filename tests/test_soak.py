@@ -37,3 +37,30 @@ def test_short_soak_samples_every_segment_and_passes(capsys):
 
 def test_host_rss_is_read_from_proc():
     assert 10 * soak.MIB < soak.host_rss_bytes() < 1 << 40
+
+
+CHECKPOINT_LINE = re.compile(
+    r"CHECKPOINT (?P<model>\S+) params=(?P<params>\d+) mib=(?P<mib>[\d.]+) save\+restore "
+    r"off=(?P<off>[\d.]+) on=(?P<on>[\d.]+) ratio=(?P<ratio>[\d.]+)"
+)
+
+
+def test_checkpoint_overhead_times_both_models_with_and_without_checksums(capsys):
+    assert soak.main(["--checkpoint-overhead", "--repeats", "1", "--mlp-hidden", "32"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split() for line in lines if re.search(r"\s(on|off)\s+[\d.]+\s+[\d.]+", line)]
+    assert [(row[0], row[3]) for row in rows] == [
+        ("mnist_cnn", "off"),
+        ("mnist_cnn", "on"),
+        ("mlp_1024x32x32", "off"),
+        ("mlp_1024x32x32", "on"),
+    ]
+    verdicts = [CHECKPOINT_LINE.fullmatch(line) for line in lines if line.startswith("CHECKPOINT")]
+    assert [v["model"] for v in verdicts] == ["mnist_cnn", "mlp_1024x32x32"]
+    assert int(verdicts[1]["params"]) == 1024 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    for verdict, (off, on) in zip(verdicts, [rows[0:2], rows[2:4]], strict=True):
+        # The printed totals are the medians of save (call and wait) plus restore.
+        assert abs(float(verdict["off"]) - float(off[5]) - float(off[6])) < 2e-4
+        assert abs(float(verdict["on"]) - float(on[5]) - float(on[6])) < 2e-4
+        ratio = float(verdict["on"]) / float(verdict["off"])
+        assert abs(float(verdict["ratio"]) - ratio) < 1e-2
