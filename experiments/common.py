@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -79,8 +80,6 @@ BASE_CHOICES: dict[str, tuple] = {
 
 def config_choices(get_config: Callable) -> dict[str, Sequence]:
     """`BASE_CHOICES` plus the `CONFIG_CHOICES` of the module defining `get_config`."""
-    import sys
-
     module = sys.modules.get(getattr(get_config, "__module__", ""), None)
     return {**BASE_CHOICES, **getattr(module, "CONFIG_CHOICES", {})}
 
