@@ -255,20 +255,17 @@ class Checkpointer:
         )
 
     def _restore_with_fallback(self, step: int | None, read: Callable[[int], Restored]):
+        # Before the first read: a failed read reports from other threads right away.
+        _drop_closed_event_loop_reports()
         with _quiet_library_logs():
             if step is not None:
-                try:
-                    return read(step)
-                except Exception:
-                    _drop_closed_event_loop_reports()
-                    raise
+                return read(step)
             failures: list[tuple[int, Exception]] = []
             for candidate in sorted(self.all_steps(), reverse=True):
                 try:
                     restored = read(candidate)
                 except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
                     failures.append((candidate, error))
-                    _drop_closed_event_loop_reports()
                     continue
                 for bad_step, error in failures:
                     log.warning(
@@ -650,7 +647,7 @@ def _host_checksum(x: np.ndarray) -> tuple[int, int]:
 
 
 def _drop_closed_event_loop_reports() -> None:
-    """From now on, drops the "Event loop is closed" errors of a failed restore.
+    """From now on, drops the "Event loop is closed" errors of failed restores.
 
     When one array of a checkpoint fails to read, Orbax closes its event loop while
     tensorstore still completes the reads of the other arrays; each completion then

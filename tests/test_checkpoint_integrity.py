@@ -282,7 +282,7 @@ def test_closed_event_loop_reports_of_a_failed_restore_are_dropped_others_kept(
     assert checkpointer.restore(_state()).step == 1
     checkpointer.close()
     hook = sys.unraisablehook
-    assert hook is not seen.append  # a failed candidate installed the filter
+    assert hook is not seen.append  # restore installed the filter
 
     def report(error):
         try:
