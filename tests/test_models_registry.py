@@ -30,7 +30,9 @@ import pytest
 from flax import nnx
 
 import jdl
+from jdl.errors import UserError
 from jdl.models import MODELS
+from jdl.models.sizes import ModelSizeError
 
 BATCH = 4  # > 1, so batch norm has a batch statistic to normalise with
 
@@ -267,3 +269,99 @@ def test_tiny_model_forward_and_one_step_lowers_loss(name):
     before, after = float(before["loss"]), float(after["loss"])
     assert np.isfinite(before) and np.isfinite(after)
     assert after < before, (before, after)
+
+
+# ----------------------------------------------------------------------------- size checks
+
+# For every registry entry, sizes of 0 or less that it accepts as overrides. Each used to
+# fail deep inside flax (a division by zero, an empty kernel) or build an empty layer.
+BAD_SIZES = {
+    "mnist_mlp": [("num_classes", 0)],  # MLP's num_outputs
+    "mnist_cnn": [
+        ("num_classes", 0),
+        ("conv_channels", (32, 0)),
+        ("dense_sizes", (-128,)),
+        ("kernel_size", 0),
+        ("pool_window", 0),
+    ],
+    **{
+        name: [("num_classes", 0), ("width", 0), ("stage_widths", (16, -32, 64, 128)[:stages])]
+        for name, stages in [
+            ("resnet18", 4),
+            ("resnet34", 4),
+            ("resnet50", 4),
+            ("resnet20", 3),
+            ("resnet32", 3),
+            ("resnet56", 3),
+        ]
+    },
+    **{
+        name: [
+            ("num_classes", 0),
+            ("patch_size", 0),
+            ("embed_dim", -64),
+            ("num_heads", 0),
+            ("num_layers", 0),
+            ("in_channels", 0),
+        ]
+        for name in ("vit_tiny", "vit_cifar", "vit_b16")
+    },
+    **{
+        name: [
+            ("vocab_size", 0),
+            ("max_len", 0),
+            ("embed_dim", 0),
+            ("num_heads", -1),
+            ("num_layers", 0),
+            ("mlp_ratio", 0),
+        ]
+        for name in ("gpt_tiny", "gpt_small")
+    },
+}
+
+
+def test_every_registry_entry_has_bad_size_cases():
+    assert set(BAD_SIZES) == set(MODELS)
+
+
+@pytest.mark.parametrize(
+    "name, argument, value",
+    [(name, arg, value) for name in sorted(BAD_SIZES) for arg, value in BAD_SIZES[name]],
+)
+def test_non_positive_registry_sizes_raise_naming_the_argument(name, argument, value):
+    kwargs = {} if name.startswith("gpt") else {"num_classes": 10}
+    with pytest.raises(ModelSizeError) as caught:
+        MODELS[name](**{**kwargs, argument: value}, rngs=nnx.Rngs(0))
+    message = str(caught.value)
+    named = "num_outputs" if name == "mnist_mlp" else argument
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+    assert f"{named} must" in message and repr(value) in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (lambda: jdl.models.MLP(4, (8, 0), 3, rngs=nnx.Rngs(0)), "hidden_sizes"),
+        (lambda: jdl.models.MLP(0, (8,), 3, rngs=nnx.Rngs(0)), "in_features"),
+        (lambda: jdl.models.RNN("lstm", 3, 0, rngs=nnx.Rngs(0)), "hidden_size"),
+        (lambda: jdl.models.RNN("gru", 3, 8, num_layers=0, rngs=nnx.Rngs(0)), "num_layers"),
+        (lambda: jdl.models.SequenceClassifier("gru", 1, -8, 2, rngs=nnx.Rngs(0)), "hidden_size"),
+        (lambda: jdl.models.CharLM(0, 8, 16, rngs=nnx.Rngs(0)), "vocab_size"),
+        (lambda: jdl.models.CharLM(65, 8, 0, rngs=nnx.Rngs(0)), "hidden_size"),
+        (lambda: jdl.models.MultiHeadAttention(16, 0, rngs=nnx.Rngs(0)), "num_heads"),
+        (lambda: jdl.models.EncoderClassifier(50, 8, 16, 2, 1, 0, rngs=nnx.Rngs(0)), "num_classes"),
+        (lambda: jdl.models.CNN(1, 10, input_shape=(28, 0), rngs=nnx.Rngs(0)), "input_shape"),
+        (
+            lambda: jdl.models.ResNet((3, 0, 3), jdl.models.BasicBlock, 10, rngs=nnx.Rngs(0)),
+            "stage_sizes",
+        ),
+    ],
+)
+def test_non_positive_sizes_of_other_constructors_raise(build, argument):
+    with pytest.raises(ModelSizeError, match=f"{argument} must"):
+        build()
+
+
+def test_cnn_pooled_to_nothing_raises():
+    with pytest.raises(ModelSizeError, match=r"input_shape \(4, 4\).*leaves \(0, 0\)"):
+        jdl.models.CNN(1, 10, input_shape=(4, 4), conv_channels=(8, 8, 8), rngs=nnx.Rngs(0))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from jdl.models import cpu_kernels
 from jdl.models.mlp import activation_fn
+from jdl.models.sizes import ModelSizeError, check_sizes
 
 
 class Conv2D(nnx.Module):
@@ -93,6 +94,16 @@ class CNN(nnx.Module):
         cpu_kernels: bool = False,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "CNN",
+            in_channels=in_channels,
+            num_classes=num_classes,
+            input_shape=input_shape,
+            conv_channels=conv_channels,
+            kernel_size=kernel_size,
+            dense_sizes=dense_sizes,
+            pool_window=pool_window,
+        )
         ndim = len(input_shape)
         if cpu_kernels and ndim != 2:
             raise ValueError("cpu_kernels applies to 2D inputs only")
@@ -112,6 +123,12 @@ class CNN(nnx.Module):
         spatial = list(input_shape)
         for _ in conv_channels:
             spatial = [size // pool_window for size in spatial]
+        if not all(spatial):
+            raise ModelSizeError(
+                f"CNN: input_shape {tuple(input_shape)} pooled by {pool_window} after each of "
+                f"{len(conv_channels)} conv blocks leaves {tuple(spatial)}; use fewer conv "
+                "blocks, a smaller pool_window or larger inputs"
+            )
         flat = channels[-1] * math.prod(spatial)
         sizes = [flat, *dense_sizes]
         self.dense = nnx.List(

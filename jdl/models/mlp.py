@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdl.models.sizes import check_sizes
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": jax.nn.gelu,  # the tanh approximation (GPT-2's "gelu_new")
@@ -52,6 +54,9 @@ class MLP(nnx.Module):
         norm: str | None = None,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "MLP", in_features=in_features, hidden_sizes=hidden_sizes, num_outputs=num_outputs
+        )
         if norm not in (None, "layer"):
             raise ValueError(f"norm must be None or 'layer', got {norm!r}")
         self.activation = activation_fn(activation)

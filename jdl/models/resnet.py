@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdl.models.initializers import uniform_init
+from jdl.models.sizes import check_sizes
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 HE_FAN_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -293,6 +294,14 @@ class ResNet(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "ResNet",
+            stage_sizes=stage_sizes,
+            num_classes=num_classes,
+            width=width,
+            stage_widths=stage_widths,
+            in_channels=in_channels,
+        )
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         if shortcut not in (None, *SHORTCUTS):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdl.models.initializers import uniform_init
+from jdl.models.sizes import check_sizes
 from jdl.models.transformer import sample_logits
 
 # (h, c) for an LSTM, h for a GRU; stacked over cells for a whole network.
@@ -204,6 +205,7 @@ class RNN(nnx.Module):
         dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        check_sizes("RNN", input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         self.cell_type, self.hidden_size = cell_type, hidden_size
         self.num_layers, self.num_directions = num_layers, 2 if bidirectional else 1
         self.cells = nnx.List(
@@ -305,6 +307,13 @@ class SequenceClassifier(nnx.Module):
         dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "SequenceClassifier",
+            input_size=input_size,
+            hidden_size=hidden_size,
+            num_classes=num_classes,
+            num_layers=num_layers,
+        )
         self.rnn = RNN(
             cell_type,
             input_size,
@@ -351,6 +360,13 @@ class CharLM(nnx.Module):
         dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "CharLM",
+            vocab_size=vocab_size,
+            embed_dim=embed_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+        )
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.rnn = RNN(
             cell_type, embed_dim, hidden_size, num_layers=num_layers, dropout=dropout, rngs=rngs

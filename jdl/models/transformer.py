@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdl.models.mlp import activation_fn
+from jdl.models.sizes import check_sizes
 
 # PyTorch's and GPT-2's LayerNorm epsilon (flax defaults to 1e-6).
 LAYER_NORM_EPS = 1e-5
@@ -115,6 +116,7 @@ class MultiHeadAttention(nnx.Module):
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ):
+        check_sizes("MultiHeadAttention", embed_dim=embed_dim, num_heads=num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
@@ -385,6 +387,15 @@ class GPT(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "GPT",
+            vocab_size=vocab_size,
+            max_len=max_len,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            mlp_ratio=mlp_ratio,
+        )
         _check_choice("positions", positions, POSITIONS)
         self.vocab_size, self.max_len, self.positions = vocab_size, max_len, positions
         self.remat = remat
@@ -676,6 +687,16 @@ class EncoderClassifier(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "EncoderClassifier",
+            vocab_size=vocab_size,
+            max_len=max_len,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            num_classes=num_classes,
+            mlp_ratio=mlp_ratio,
+        )
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("positions", positions, POSITIONS)
         self.max_len, self.pooling, self.remat = max_len, pooling, remat

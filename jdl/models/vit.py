@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdl.models.sizes import check_sizes
 from jdl.models.transformer import LAYER_NORM_EPS, block_stack, checkpointed_block
 
 
@@ -73,6 +74,17 @@ class ViT(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
+        check_sizes(
+            "ViT",
+            image_size=image_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            mlp_ratio=mlp_ratio,
+        )
         if image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         self.image_size, self.patch_size, self.remat = image_size, patch_size, remat
