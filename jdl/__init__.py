@@ -3,8 +3,22 @@
 The public API is what this module re-exports; everything else may change.
 """
 
-from jdl import compiler, data, hf, losses, metrics, models, parallel, precision, techniques
+from jdl import (
+    cli,
+    compiler,
+    data,
+    errors,
+    hf,
+    jsonio,
+    losses,
+    metrics,
+    models,
+    parallel,
+    precision,
+    techniques,
+)
 from jdl.checkpoint import (
+    BestMetricError,
     CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
@@ -18,13 +32,30 @@ from jdl.config import (
     parse_duration,
     write_run_record,
 )
-from jdl.data.pipeline import InMemoryData, StreamingData
+from jdl.data.dataset import EmptyDataError, NonFiniteDataError
+from jdl.data.pipeline import (
+    BatchSizeError,
+    InMemoryData,
+    LabelRangeError,
+    StreamingData,
+    check_labels,
+)
 from jdl.data.text import CharVocab, RandomWindows
 from jdl.errors import UserError
-from jdl.lock import WorkdirLock, WorkdirLockedError
+from jdl.inference import PredictInputError, predict
+from jdl.lock import WorkdirError, WorkdirLock, WorkdirLockedError
 from jdl.logging import MetricLogger, plot_curves, read_metrics
-from jdl.loop import FitResult, NonFiniteLossError, fit, make_chunk_runner, make_evaluator
-from jdl.optim import default_decay_mask, make_optimizer, make_schedule
+from jdl.loop import (
+    FitResult,
+    NonFiniteLossError,
+    RunInterrupted,
+    UnknownMetricError,
+    fit,
+    make_chunk_runner,
+    make_evaluator,
+)
+from jdl.models.sizes import ModelSizeError
+from jdl.optim import OptimizerConfigError, default_decay_mask, make_optimizer, make_schedule
 from jdl.parallel import (
     ShardingError,
     ShardingRules,
@@ -33,46 +64,62 @@ from jdl.parallel import (
     shard_state,
 )
 from jdl.state import TrainState, count_params
-from jdl.steps import classification_loss, make_eval_step, make_train_step
+from jdl.steps import LossOutputError, classification_loss, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSizeError",
+    "BestMetricError",
     "CharVocab",
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointWriteError",
     "Checkpointer",
     "ConfigError",
+    "EmptyDataError",
     "FitResult",
     "InMemoryData",
+    "LabelRangeError",
+    "LossOutputError",
     "MetricLogger",
+    "ModelSizeError",
+    "NonFiniteDataError",
     "NonFiniteLossError",
+    "OptimizerConfigError",
+    "PredictInputError",
     "RandomWindows",
     "Restored",
+    "RunInterrupted",
     "ShardingError",
     "ShardingRules",
     "StreamingData",
     "TrainState",
+    "UnknownMetricError",
     "UserError",
+    "WorkdirError",
     "WorkdirLock",
     "WorkdirLockedError",
+    "check_labels",
     "classification_loss",
+    "cli",
     "compiler",
     "count_params",
     "data",
     "default_decay_mask",
     "enable_compilation_cache",
+    "errors",
     "fit",
-    "initialize_distributed",
     "hf",
+    "initialize_distributed",
+    "jsonio",
     "losses",
     "make_chunk_runner",
     "make_eval_step",
     "make_evaluator",
+    "make_mesh",
     "make_optimizer",
     "make_schedule",
-    "make_mesh",
     "make_train_step",
     "metrics",
     "models",
@@ -81,6 +128,7 @@ __all__ = [
     "parse_duration",
     "plot_curves",
     "precision",
+    "predict",
     "read_metrics",
     "shard_state",
     "techniques",

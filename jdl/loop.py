@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 
-from jdl import compiler, parallel
-from jdl.checkpoint import Checkpointer
-from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData
+from jdl import compiler, jsonio, parallel
+from jdl.checkpoint import Checkpointer, CheckpointWriteError, Restored
+from jdl.config import write_run_record
+from jdl.data.dataset import EmptyDataError, check_finite
+from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData, check_labels
 from jdl.errors import UserError
 from jdl.lock import WorkdirLock
 from jdl.logging import MetricLogger, plot_curves
@@ -30,7 +40,35 @@ from jdl.steps import EvalStep, Metrics, TrainStep
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
-    """Training produced a NaN or infinite loss or gradient."""
+    """Training diverged: a NaN or infinite loss, gradient or parameter, or parameters
+    that exploded. The message names the step and the checkpoint that remains."""
+
+
+class RunInterrupted(SystemExit):
+    """`fit` stopped on SIGTERM or SIGINT after saving a checkpoint.
+
+    A `SystemExit` whose code is the conventional status 128 + signal number (143 for
+    SIGTERM, 130 for SIGINT): left uncaught, the program ends with that status and no
+    traceback, which is what schedulers and `docker stop` expect before they requeue.
+    Running the same command again resumes exactly where the run stopped.
+
+    Attributes:
+      signal_name: "SIGTERM" or "SIGINT".
+      step: the step the run stopped at.
+      checkpoint_step: the step of the checkpoint saved on the way out (None without a
+        workdir).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint_step: int | None):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.step = step
+        self.checkpoint_step = checkpoint_step
+
+
+# A save is refused when the parameter norm grew by more than this factor since the last
+# good save (or the start): no sane step multiplies the norm by a thousand, a blow-up does.
+EXPLODED_NORM_RATIO = 1e3
 
 
 @dataclasses.dataclass
@@ -38,13 +76,16 @@ class FitResult:
     """What `fit` returns.
 
     Attributes:
-      state: the final training state (on device).
+      state: the final training state (on device). The state passed to `fit` was
+        consumed (its buffers were donated to the compiled step): go on from this one.
       step: the final step.
       train_metrics: means of the train metrics over the last logged interval.
       eval_history: one dict per evaluation, with "step".
       best: the best evaluation by `best_metric` (or None).
       stopped_early: True when early stopping ended the run.
       seconds: wall time of this call (restore, compile and training included).
+      was_finished: True when the workdir already held a finished run: nothing was
+        trained, and `train_metrics`, `eval_history` and `best` are the recorded ones.
     """
 
     state: TrainState
@@ -54,6 +95,11 @@ class FitResult:
     best: dict[str, float] | None
     stopped_early: bool
     seconds: float
+    was_finished: bool = False
+
+    def model(self):
+        """The trained model in eval mode (dropout off, batch norm on running averages)."""
+        return self.state.eval_model()
 
 
 def _holding_workdir_lock(fit_fn: Callable) -> Callable:
@@ -92,11 +138,23 @@ def fit(
     progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     sharding_rules: parallel.ShardingRules | None = None,
+    run_config: Mapping | None = None,
 ) -> FitResult:
     """Trains `state` for `num_steps` steps and returns the result.
 
     If `workdir` holds a checkpoint, training resumes from it exactly (model,
-    optimizer, RNG and data position); a finished run returns at once.
+    optimizer, RNG and data position); a finished run returns at once with the
+    recorded metrics (`FitResult.was_finished`).
+
+    `state` is consumed: its buffers are donated to the compiled step, so using it after
+    `fit` raises "Array has been deleted". Continue from `result.state`, and take the
+    trained model for inference from `result.model()` (eval mode) or `jdl.predict`.
+
+    With a workdir, SIGTERM and SIGINT (preemption, `docker stop`, Ctrl-C) stop the run
+    at the end of the chunk in flight: a checkpoint is written and waited for, the lock
+    is released, one line says so, and `RunInterrupted` (a `SystemExit` with status 143
+    or 130) is raised; the same command resumes bitwise where it stopped. A second
+    signal exits at once (checkpoint writes are atomic, so nothing is left half-written).
 
     Args:
       state: initial state (its shapes, dtypes and shardings are the restore target).
@@ -106,16 +164,21 @@ def fit(
         its `steps_per_dispatch` prefetched batches as input).
       num_steps: total optimizer steps of the run.
       eval_step: per-example eval metrics `(state, batch) -> metrics`.
-      eval_data: host arrays {"x", "y"} to evaluate on.
+      eval_data: host arrays {"x", "y"} to evaluate on (not empty, finite).
       eval_every: evaluate every this many steps (0: only at the end).
       eval_batch_size: examples per eval batch (the tail is masked, not dropped).
       log_every: write train metrics every this many steps.
-      workdir: run directory for metrics, TensorBoard, checkpoints, curves. The run
-        holds `workdir/.lock` throughout (see `jdl.lock`).
+      workdir: run directory. It receives `config.json` and `run.json` (written once the
+        restore checks pass, so a refused resume changes nothing), `metrics.jsonl`,
+        TensorBoard events, `checkpoints/`, `curves.png` and `final.json` (this call's
+        summary: step, train, eval, best, stopped_early). The run holds `workdir/.lock`
+        throughout (see `jdl.lock`).
       checkpoint_every: save every this many steps (0: only at the end). Needs workdir.
+        A state whose parameters are not finite or whose norm exploded (more than
+        `EXPLODED_NORM_RATIO` times the last saved one) is never saved.
       max_to_keep: number of latest checkpoints kept.
       best_metric: eval metric name (e.g. "accuracy") that picks the best checkpoint
-        and drives early stopping.
+        and drives early stopping; the same name is used by `jdl.Checkpointer`.
       best_mode: "max" or "min" for `best_metric`.
       early_stopping_patience: stop after this many evaluations without a new best
         (0: never).
@@ -134,10 +197,17 @@ def fit(
         otherwise one device.
       sharding_rules: how parameters and optimizer state are sharded (default
         `jdl.parallel.ShardingRules()`); used only with `mesh`.
+      run_config: the run's config (a dict or `ml_collections.ConfigDict`), recorded in
+        `workdir/config.json`; None records `fit`'s own settings.
 
     Raises:
-      NonFiniteLossError: a train loss or gradient norm was NaN/inf; the message names
-        the step and metric. Checkpoints written before it are kept.
+      NonFiniteLossError: a train loss, gradient norm or parameter norm was NaN/inf, or
+        the parameters exploded; the message names the step and the checkpoint that
+        remains. Nothing diverged is ever saved.
+      RunInterrupted: SIGTERM or SIGINT arrived (with a workdir); a checkpoint was saved.
+      jdl.UserError: bad data (labels outside the model's classes, empty or non-finite
+        eval data), a checkpoint of another model or data set-up, an unknown
+        `best_metric`; raised before anything in the workdir changes.
       jdl.parallel.ShardingError: the batch size does not split over the mesh's batch
         axes, or a sharding rule does not fit (raised before anything compiles).
       jdl.lock.WorkdirLockedError: another run uses `workdir`.
@@ -145,18 +215,47 @@ def fit(
         disk); the run stops, earlier checkpoints are intact and a rerun resumes.
     """
     _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
+    _check_data(state, train_data, eval_data if eval_step is not None else None)
     state, shardings = parallel.place_for_fit(state, train_data, mesh, sharding_rules)
     started = time.perf_counter()
-    checkpointer, resumed_json = None, {}
+    checkpointer, restored = None, None
     if workdir is not None:
         checkpointer = Checkpointer(
             f"{workdir}/checkpoints",
             max_to_keep=max_to_keep,
-            best_metric=best_metric and f"eval/{best_metric}",
+            best_metric=best_metric,
             best_mode=best_mode,
         )
-        state, resumed_json = _maybe_resume(checkpointer, state, train_data)
+        try:
+            restored = _maybe_resume(checkpointer, state, train_data)
+        except BaseException:
+            checkpointer.close(raise_errors=False)
+            raise
+        state = restored.state if restored is not None else state
+        if jax.process_index() == 0:
+            settings = {
+                "num_steps": num_steps,
+                "batch_size": train_data.batch_size,
+                "eval_every": eval_every,
+                "log_every": log_every,
+                "checkpoint_every": checkpoint_every,
+                "best_metric": best_metric or "",
+                "steps_per_dispatch": steps_per_dispatch,
+            }
+            _write_start_records(workdir, run_config or settings, fresh=restored is None)
+    run = _RunRecord.load(
+        restored.run_state if restored else {},
+        restored.data_state if restored else {},
+        tracker=_BestTracker(best_metric, best_mode, early_stopping_patience),
+    )
     start_step = int(state.step)
+    if restored is not None and (start_step >= num_steps or run.tracker.should_stop):
+        if checkpointer is not None:
+            checkpointer.close()
+        train_data.close()
+        result = run.result(state, start_step, time.perf_counter() - started, finished=True)
+        _write_final(workdir, result)
+        return result
     logger = MetricLogger(
         workdir,
         total_steps=num_steps,
@@ -164,86 +263,89 @@ def fit(
         progress=progress,
         enabled=jax.process_index() == 0,
     )
-    if resumed_json:
+    if restored is not None:
         logger.message(f"resumed from the checkpoint at step {start_step}")
+    _warn_if_schedule_is_shorter(train_step, num_steps, logger)
     run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll, shardings)
     run_eval = None
     if eval_step is not None:
         run_eval = make_evaluator(eval_step, eval_batch_size, shardings)
-    tracker = _BestTracker(best_metric, best_mode, early_stopping_patience)
-    tracker.load(resumed_json.get("best_tracker", {}))
+    saver = _GuardedSaver(checkpointer, train_data, state, start_step)
     pending: list[tuple[Metrics, int, int]] = []
-    train_metrics: dict[str, float] = {}
-    eval_history: list[dict[str, float]] = []
     step, interval_start, interval_time = start_step, start_step, time.perf_counter()
+    failed = True
     try:
-        while step < num_steps and not tracker.should_stop:
-            stop = _next_boundary(
-                step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
-            )
-            inputs = train_data.chunk_inputs(stop - step, steps_per_dispatch)
-            state, chunk_metrics = run_chunk(state, inputs, jnp.int32(stop))
-            pending.append((chunk_metrics, step, stop - step))
-            step = stop
-            is_last = step == num_steps
-            if _due(step, log_every) or is_last or _due(step, checkpoint_every):
-                train_metrics = _flush_train_metrics(pending)  # raises on NaN
-                pending = []
-                elapsed = time.perf_counter() - interval_time
-                rate = (step - interval_start) * train_data.batch_size / max(elapsed, 1e-9)
-                logger.write(
-                    step,
-                    {f"train/{k}": v for k, v in train_metrics.items()}
-                    | {"train/samples_per_second": rate},
+        with _StopSignals(enabled=workdir is not None) as signals:
+            while step < num_steps and not run.tracker.should_stop:
+                stop = _next_boundary(
+                    step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
                 )
-                logger.advance(
-                    step - interval_start, samples_per_second=rate, loss=train_metrics.get("loss")
-                )
-                interval_start, interval_time = step, time.perf_counter()
-            eval_metrics = None
-            if (
-                run_eval is not None
-                and eval_data is not None
-                and (_due(step, eval_every) or is_last)
-            ):
-                eval_metrics = run_eval(state, eval_data)
-                logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                eval_history.append({"step": step, **eval_metrics})
-                tracker.update(step, eval_metrics)
-            new_best = eval_metrics is not None and tracker.improved
-            if checkpointer is not None and (
-                _due(step, checkpoint_every) or is_last or tracker.should_stop or new_best
-            ):
-                checkpointer.save(
-                    step,
-                    state,
-                    data_state={**train_data.data_state(step), "best_tracker": tracker.dump()},
-                    metrics=None
-                    if eval_metrics is None
-                    else {f"eval/{k}": v for k, v in eval_metrics.items()},
-                )
-        if tracker.should_stop:
+                inputs = train_data.chunk_inputs(stop - step, steps_per_dispatch)
+                state, chunk_metrics = run_chunk(state, inputs, jnp.int32(stop))
+                pending.append((chunk_metrics, step, stop - step))
+                step = stop
+                is_last = step == num_steps
+                log_now = _due(step, log_every) or is_last
+                eval_now = run_eval is not None and eval_data is not None
+                eval_now = eval_now and (_due(step, eval_every) or is_last)
+                save_due = checkpointer is not None and (_due(step, checkpoint_every) or is_last)
+                signum = signals.requested(at_sync_point=log_now or eval_now or save_due)
+                if log_now or eval_now or save_due or signum:
+                    flushed = _flush_or_explain(pending, saver)  # host sync; raises on NaN
+                    pending = []
+                    run.train_metrics = flushed.means
+                    saver.note_param_norm(flushed.last.get("param_norm"))
+                if log_now:
+                    elapsed = time.perf_counter() - interval_time
+                    rate = (step - interval_start) * train_data.batch_size / max(elapsed, 1e-9)
+                    logger.write(
+                        step,
+                        {f"train/{k}": v for k, v in run.train_metrics.items()}
+                        | {"train/samples_per_second": rate},
+                    )
+                    logger.advance(
+                        step - interval_start,
+                        samples_per_second=rate,
+                        loss=run.train_metrics.get("loss"),
+                    )
+                    interval_start, interval_time = step, time.perf_counter()
+                eval_metrics = None
+                if eval_now:  # even when stopping: a resumed run would not redo it
+                    eval_metrics = run_eval(state, eval_data)
+                    logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    run.add_eval(step, eval_metrics)
+                new_best = eval_metrics is not None and run.tracker.improved
+                if checkpointer is not None and (
+                    save_due or run.tracker.should_stop or new_best or signum
+                ):
+                    saver.save(step, state, run, eval_metrics)
+                if signum:
+                    saver.wait()  # the checkpoint is whole on disk before the process goes
+                    logger.message(
+                        f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+                        "saved; run the same command to resume"
+                    )
+                    raise RunInterrupted(signum, step, step)
+        if run.tracker.should_stop:
+            best = run.tracker.best
             logger.message(
                 f"early stopping at step {step}: no better eval {best_metric} than "
-                f"{tracker.best[best_metric]:.4f} (step {tracker.best['step']}) for "
+                f"{best[best_metric]:.4f} (step {best['step']}) for "
                 f"{early_stopping_patience} evaluations"
             )
+        failed = False
     finally:
         if checkpointer is not None:
-            checkpointer.close()  # waits for async writes: the last good checkpoint is whole
+            # Waits for async writes: the last good checkpoint is whole. After a failure
+            # its own errors are only logged, so they cannot mask the first one.
+            checkpointer.close(raise_errors=not failed)
         logger.close()
         train_data.close()  # stops a stream's prefetch thread
+    result = run.result(state, step, time.perf_counter() - started, finished=False)
     if workdir is not None and jax.process_index() == 0:
         plot_curves(workdir)
-    return FitResult(
-        state=state,
-        step=step,
-        train_metrics=train_metrics,
-        eval_history=eval_history,
-        best=tracker.best,
-        stopped_early=tracker.should_stop,
-        seconds=time.perf_counter() - started,
-    )
+        _write_final(workdir, result)
+    return result
 
 
 def make_chunk_runner(
@@ -528,17 +630,206 @@ def _build_evaluator(
     return evaluate
 
 
-def _maybe_resume(checkpointer: Checkpointer, state: TrainState, data: InMemoryData):
+def _maybe_resume(
+    checkpointer: Checkpointer, state: TrainState, data: InMemoryData | StreamingData
+) -> Restored | None:
+    """The restored checkpoint (data position checked and set), or None for a fresh run."""
     if checkpointer.latest_step() is None:
-        return state, {}
+        return None
     restored = checkpointer.restore(state)
     data.restore_data_state(restored.data_state)
-    return restored.state, restored.data_state
+    return restored
 
 
-def _flush_train_metrics(pending: list[tuple[Metrics, int, int]]) -> dict[str, float]:
-    """Means of the steps' metrics since the last flush; raises on a non-finite loss."""
-    host = jax.device_get([metrics for metrics, _, _ in pending])
+class _StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop at the next chunk boundary.
+
+    Installed for the training loop only, on the main thread (the only one Python lets
+    set handlers) and only when there is a workdir to save into; the previous handlers
+    come back on exit. A second signal exits the process at once with status 128 +
+    signal: checkpoints are written to a temporary folder and renamed when whole, so
+    nothing on disk is left half-written, and the next run cleans up.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, *, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:  # None: a handler not set from Python; leave ours
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        del frame
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing the chunk in flight and "
+            "saving a checkpoint (send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def requested(self, *, at_sync_point: bool) -> int | None:
+        """The signal to stop for, or None.
+
+        With several processes every one must stop at the same step and take part in the
+        save, so they agree (an all-gather of the flags) at boundaries where the host
+        waits for the device anyway (log, eval, checkpoint), never inside a run of
+        chunks: a signal is acted on at the next such boundary.
+        """
+        if jax.process_count() == 1:
+            return self.received
+        if not at_sync_point:
+            return None
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+        return int(np.max(flags)) or None
+
+
+class _RunRecord:
+    """What a run remembers besides its state: best evaluation and early-stopping count,
+    every evaluation so far and the latest train metrics. Saved as each checkpoint's
+    run item, so a resumed or finished run reports the whole history."""
+
+    def __init__(self, tracker: _BestTracker, eval_history: list, train_metrics: dict):
+        self.tracker = tracker
+        self.eval_history = eval_history
+        self.train_metrics = train_metrics
+
+    @classmethod
+    def load(cls, run_state: Mapping, data_state: Mapping, *, tracker: _BestTracker):
+        # Checkpoints written before the run item kept the tracker in the data position.
+        tracker.load(run_state.get("best_tracker", data_state.get("best_tracker", {})))
+        history = [dict(record) for record in run_state.get("eval_history", [])]
+        return cls(tracker, history, dict(run_state.get("train_metrics", {})))
+
+    def dump(self) -> dict:
+        return jsonio.to_json_safe(
+            {
+                "best_tracker": self.tracker.dump(),
+                "eval_history": self.eval_history,
+                "train_metrics": self.train_metrics,
+            }
+        )
+
+    def add_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.eval_history.append({"step": step, **metrics})
+        self.tracker.update(step, metrics)
+
+    def result(self, state: TrainState, step: int, seconds: float, *, finished: bool):
+        return FitResult(
+            state=state,
+            step=step,
+            train_metrics=dict(self.train_metrics),
+            eval_history=list(self.eval_history),
+            best=self.tracker.best,
+            stopped_early=self.tracker.should_stop,
+            seconds=seconds,
+            was_finished=finished,
+        )
+
+
+class _GuardedSaver:
+    """Saves checkpoints, but never one of a diverged state.
+
+    A state whose parameter norm is not finite, or grew more than `EXPLODED_NORM_RATIO`
+    times since the last good save (or the start of this call), is refused with a
+    `NonFiniteLossError` that names the checkpoint that remains: a rerun must not resume
+    from exploded weights. The norm is the step's `param_norm` metric when the train
+    step reports it (no extra work), else one reduction at save time.
+    """
+
+    def __init__(self, checkpointer: Checkpointer | None, data, state: TrainState, step: int):
+        self.checkpointer = checkpointer
+        self.data = data
+        self.last_norm: float | None = None
+        self.reference: tuple[int, float] | None = None
+        if checkpointer is not None:
+            self.reference = (step, _global_norm(state.params))
+
+    def note_param_norm(self, norm: float | None) -> None:
+        self.last_norm = norm
+
+    def save(self, step: int, state: TrainState, run: _RunRecord, eval_metrics) -> None:
+        norm = self.last_norm if self.last_norm is not None else _global_norm(state.params)
+        reference_step, reference = self.reference
+        if not (np.isfinite(norm) and norm <= EXPLODED_NORM_RATIO * max(reference, 1.0)):
+            what = "are not finite" if not np.isfinite(norm) else "exploded"
+            raise NonFiniteLossError(
+                f"the parameters {what} at step {step} (norm {norm:.3g}, was {reference:.3g} "
+                f"at step {reference_step}); this state was not saved. " + self.what_remains()
+            )
+        self.checkpointer.save(
+            step,
+            state,
+            data_state=jsonio.to_json_safe(self.data.data_state(step)),
+            run_state=run.dump(),
+            metrics=eval_metrics,
+        )
+        self.reference, self.last_norm = (step, norm), None
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+    def what_remains(self) -> str:
+        """Which checkpoint a rerun resumes from, and what to change first."""
+        advice = "lower the learning rate or clip gradients (clip_norm)"
+        if self.checkpointer is None:
+            return f"No workdir, nothing saved: {advice} and run again."
+        try:
+            self.checkpointer.wait()
+        except CheckpointWriteError:
+            pass  # the write that failed is not a checkpoint; the listing below is true
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            return f"No checkpoint was kept: {advice} and run again."
+        return (
+            f"The checkpoint at step {max(steps)} in {self.checkpointer.directory} holds no "
+            f"diverged state: {advice} and run again with the same workdir to resume from it "
+            "(or start a new run from its weights with init_from)."
+        )
+
+
+@jax.jit
+def _global_norm_on_device(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def _global_norm(tree) -> float:
+    return float(_global_norm_on_device(tree))  # note: a host sync; only at saves
+
+
+@dataclasses.dataclass
+class _Flushed:
+    means: dict[str, float]  # each metric's mean over the steps flushed
+    last: dict[str, float]  # each metric at the last step flushed
+
+
+def _flush_or_explain(pending: list[tuple[Metrics, int, int]], saver: _GuardedSaver) -> _Flushed:
+    """`_flush_train_metrics`, its divergence error completed with what a rerun resumes from."""
+    try:
+        return _flush_train_metrics(pending)
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error} {saver.what_remains()}") from None
+
+
+def _flush_train_metrics(pending: list[tuple[Metrics, int, int]]) -> _Flushed:
+    """Means and last values of the steps' metrics since the last flush; raises on a
+    non-finite loss or gradient norm."""
+    host = jax.device_get([metrics for metrics, _, _ in pending])  # note: a host sync point
     per_step: dict[str, list[np.ndarray]] = {}
     for metrics, (_, first_step, count) in zip(host, pending, strict=True):
         for name in ("loss", "grad_norm"):
@@ -550,24 +841,29 @@ def _flush_train_metrics(pending: list[tuple[Metrics, int, int]]) -> dict[str, f
                 at = first_step + int(np.argmax(bad)) + 1
                 raise NonFiniteLossError(
                     f"train {name} is {values[int(np.argmax(bad))]} at step {at}; stopping. "
-                    "Checkpoints before this step are kept. Lower the learning rate, enable "
-                    "gradient clipping, or skip such steps (skip_nonfinite)."
+                    "Lower the learning rate, enable gradient clipping, or skip such steps "
+                    "(skip_nonfinite)."
                 )
         for name, values in metrics.items():
             per_step.setdefault(name, []).append(values[:count])
-    result = {}
+    means, last = {}, {}
     for name, chunks in per_step.items():
         values = np.concatenate(chunks)
+        last[name] = float(values[-1]) if values.size else float("nan")
         if name == "skipped_steps":
-            result[name] = float(values.sum())
+            means[name] = float(values.sum())
         else:
             finite = values[np.isfinite(values)]
-            result[name] = float(finite.mean()) if finite.size else float("nan")
-    return result
+            means[name] = float(finite.mean()) if finite.size else float("nan")
+    return _Flushed(means=means, last=last)
 
 
 class _BestTracker:
-    """Remembers the best evaluation and counts evaluations without improvement."""
+    """Remembers the best evaluation and counts evaluations without improvement.
+
+    A tie is not an improvement: the best is the first step that reached the best value
+    (the checkpointer keeps that same step).
+    """
 
     def __init__(self, metric: str | None, mode: str, patience: int):
         self.metric, self.mode, self.patience = metric, mode, patience
@@ -591,7 +887,10 @@ class _BestTracker:
         if self.metric is None:
             return
         if self.metric not in metrics:
-            raise KeyError(f"best_metric {self.metric!r} is not an eval metric: {sorted(metrics)}")
+            raise UnknownMetricError(
+                f"best_metric {self.metric!r} is not an eval metric; the eval step returns "
+                f"{sorted(metrics)}"
+            )
         value = metrics[self.metric]
         self.improved = better = self.best is None or (
             value > self.best[self.metric] if self.mode == "max" else value < self.best[self.metric]
@@ -600,6 +899,125 @@ class _BestTracker:
             self.best, self.since_best = {"step": step, **metrics}, 0
         else:
             self.since_best += 1
+
+
+class UnknownMetricError(UserError, KeyError):
+    """`best_metric` names a metric the eval step does not return."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _check_data(state: TrainState, train_data, eval_data: Mapping | None) -> None:
+    """Host checks, once, before anything compiles or touches the workdir: eval data not
+    empty and finite; integer labels within the model's classes (train and eval)."""
+    splits = {}
+    if eval_data is not None:
+        _check_eval_data(eval_data)
+        splits["eval_data"] = eval_data
+    train_arrays = getattr(train_data, "arrays", None)  # in-memory data: all of it is here
+    if isinstance(train_arrays, Mapping):
+        splits["train data"] = train_arrays
+    num_classes = None
+    for where, split in splits.items():
+        x, y = split.get("x"), split.get("y")
+        if x is None or y is None or not _host_readable(y):
+            continue
+        if not np.issubdtype(np.dtype(y.dtype), np.integer):
+            continue
+        if num_classes is None:
+            num_classes = _model_classes(state, x, y)
+        if num_classes:
+            check_labels(np.asarray(y), num_classes, where=where)
+
+
+def _check_eval_data(eval_data: Mapping) -> None:
+    if not isinstance(eval_data, Mapping) or not eval_data:
+        raise EmptyDataError(
+            f"eval_data must be a dict of arrays such as {{'x': ..., 'y': ...}}, got "
+            f"{type(eval_data).__name__}"
+        )
+    sizes = {name: len(value) for name, value in eval_data.items()}
+    if len(set(sizes.values())) != 1:
+        raise EmptyDataError(f"eval_data arrays disagree on the number of examples: {sizes}")
+    if not next(iter(sizes.values())):
+        raise EmptyDataError(
+            "eval_data has no examples; pass a non-empty evaluation split, or no eval_step"
+        )
+    check_finite(
+        {name: value for name, value in eval_data.items() if _host_readable(value)},
+        where="eval_data",
+    )
+
+
+def _host_readable(value) -> bool:
+    return not (isinstance(value, jax.Array) and not value.is_fully_addressable)
+
+
+def _model_classes(state: TrainState, x, y) -> int | None:
+    """The number of classes the model predicts for labels shaped like `y`, or None when
+    its output is not per-label logits (a regression, a model that needs more inputs).
+
+    Only shapes are traced (`jax.eval_shape`): nothing compiles or runs.
+    """
+    example = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+    try:
+        out = jax.eval_shape(lambda s, inputs: s.model()(inputs), state, example)
+    except Exception:  # noqa: BLE001 - a model this check does not understand is not an error
+        return None
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) < 2 or tuple(shape[:-1]) != (1, *y.shape[1:]):
+        return None
+    return int(shape[-1])
+
+
+def _warn_if_schedule_is_shorter(train_step, num_steps: int, logger: MetricLogger) -> None:
+    """One warning line when the step's learning-rate schedule ends before the run."""
+    schedule = getattr(train_step, "lr_schedule", None)
+    horizon = getattr(schedule, "total_steps", None)
+    if horizon is not None and num_steps > horizon:
+        logger.message(
+            f"warning: the learning-rate schedule spans {horizon} steps but the run has "
+            f"{num_steps}; after step {horizon} the rate stays at its final value (pass "
+            "total_steps=num_steps to make_optimizer)"
+        )
+
+
+def _write_start_records(workdir: str, config: Mapping, *, fresh: bool) -> None:
+    """config.json and run.json (see `jdl.write_run_record`); a fresh start also drops a
+    final.json left by an earlier run whose checkpoints are gone."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(dict(config))
+    write_run_record(workdir, config, sys.argv[1:])
+    final = os.path.join(workdir, FINAL_FILE)
+    if fresh and os.path.exists(final):
+        os.remove(final)
+
+
+FINAL_FILE = "final.json"
+
+
+def _write_final(workdir: str | None, result: FitResult) -> None:
+    """Merges this call's summary into `workdir/final.json` (keeping keys others wrote)."""
+    if workdir is None or jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, FINAL_FILE)
+    record = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}  # torn by a crash: rewritten whole below
+    record.update(
+        step=result.step,
+        train=result.train_metrics,
+        eval=result.eval_history[-1] if result.eval_history else None,
+        best=result.best,
+        stopped_early=result.stopped_early,
+    )
+    record.pop(jsonio.NONFINITE_KEY, None)
+    jsonio.write_json(path, record)
 
 
 def _next_boundary(step: int, num_steps: int, chunk: int, *intervals: int) -> int:

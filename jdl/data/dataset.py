@@ -20,6 +20,10 @@ class NonFiniteDataError(UserError, ValueError):
     """A floating-point input array holds NaN or infinity."""
 
 
+class EmptyDataError(UserError, ValueError):
+    """A data split has no examples, or its arrays disagree on how many there are."""
+
+
 def check_finite(arrays: Split, *, where: str) -> None:
     """Raises if a floating-point array in `arrays` holds NaN or +-inf.
 
