@@ -35,6 +35,7 @@ from jdl.config import (
 from jdl.data.dataset import EmptyDataError, NonFiniteDataError
 from jdl.data.pipeline import (
     BatchSizeError,
+    DataSetupMismatchError,
     InMemoryData,
     LabelRangeError,
     StreamingData,
@@ -75,6 +76,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointWriteError",
+    "DataSetupMismatchError",
     "Checkpointer",
     "ConfigError",
     "EmptyDataError",

@@ -81,8 +81,9 @@ def command(main: Callable[..., Any]) -> Callable[..., Any]:
     it and calls `main(argv)`. A user error (see `is_user_error`) is raised again as
     `SystemExit("error: <message>")`, which Python prints as that one line on stderr with
     exit status 1; callers in Python (tests, notebooks) can catch it. With `JDL_DEBUG=1` or
-    `--debug` the traceback is printed first. Any other exception, `SystemExit` and
-    `KeyboardInterrupt` included, passes through unchanged.
+    `--debug` the traceback is printed first. Ctrl-C outside training (while data loads,
+    say) prints one line and exits with 130. Any other exception, and `SystemExit`, passes
+    through unchanged.
     """
 
     @functools.wraps(main)
@@ -91,6 +92,13 @@ def command(main: Callable[..., Any]) -> Callable[..., Any]:
         debug = debug_requested(argv)
         try:
             return main([arg for arg in argv if arg != DEBUG_FLAG])
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            # Ctrl-C before training started (or after it ended): nothing to save. Inside
+            # training `fit` handles SIGINT itself, saves and exits with 130.
+            print("interrupted; nothing was being trained, nothing to save", file=sys.stderr)
+            raise SystemExit(130) from None
         except Exception as error:
             if not is_user_error(error):
                 raise

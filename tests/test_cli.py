@@ -145,3 +145,16 @@ def test_error_line_of_an_os_error_names_path_cause_and_remedy():
         "error: /ro/run: Read-only file system (the file system is read-only; "
         "choose another --workdir)"
     )
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    @command
+    def main(argv):
+        raise KeyboardInterrupt  # e.g. while the data loads: fit has not started
+
+    with pytest.raises(SystemExit) as caught:
+        main([])
+    assert caught.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted; nothing was being trained, nothing to save"
+    ]

@@ -41,6 +41,10 @@ class BatchSizeError(UserError, ValueError):
     """A batch size that the data cannot fill: below 1 or larger than the data set."""
 
 
+class DataSetupMismatchError(UserError, ValueError):
+    """A checkpoint's data position was made with another data set-up (seed, size, batch)."""
+
+
 class LabelRangeError(UserError, ValueError):
     """Integer class labels outside [0, num_classes)."""
 
@@ -237,7 +241,7 @@ class InMemoryData:
         """Raises if a checkpoint's data position was made with another data set-up."""
         for key in ("seed", "num_examples", "batch_size"):
             if key in data_state and data_state[key] != getattr(self, key):
-                raise ValueError(
+                raise DataSetupMismatchError(
                     f"the checkpoint was written with data {key}={data_state[key]}, but this "
                     f"run uses {getattr(self, key)}; resuming would not see the same batches. "
                     "Use the original settings or a new workdir."
@@ -399,14 +403,14 @@ class StreamingData:
     def check_data_state(self, data_state: dict) -> None:
         """Raises if a checkpoint's data position was made with another data set-up."""
         if data_state.get("kind") != self.kind:
-            raise ValueError(
+            raise DataSetupMismatchError(
                 f"the checkpoint's data position is of kind {data_state.get('kind')!r}, but "
                 f"this run streams its data ({self.kind!r}); use the original data set-up or "
                 "a new workdir"
             )
         for key in ("seed", "num_examples", "batch_size", "process_count"):
             if data_state.get(key) != getattr(self, key):
-                raise ValueError(
+                raise DataSetupMismatchError(
                     f"the checkpoint was written with data {key}={data_state.get(key)}, but "
                     f"this run uses {getattr(self, key)}; resuming would not see the same "
                     "batches. Use the original settings or a new workdir."
