@@ -91,6 +91,14 @@ def test_floors_pin_every_runtime_dependency():
         assert requirement.startswith(name) and f">={version}" in requirement, (pin, requirement)
 
 
+def test_accelerator_extras_pull_jax_with_its_floor():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (jax_floor,) = [r.split(">=")[1] for r in project["dependencies"] if r.startswith("jax>=")]
+    extras = project["optional-dependencies"]
+    assert extras["cuda12"] == [f"jax[cuda12]>={jax_floor}"]
+    assert extras["tpu"] == [f"jax[tpu]>={jax_floor}"]
+
+
 _FIT_TWO_STEPS = textwrap.dedent(
     """
     import importlib.util
