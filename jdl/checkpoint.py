@@ -1,13 +1,23 @@
 """Checkpoints: a thin layer over Orbax's `CheckpointManager` that never restores garbage.
 
-Each checkpoint is one Orbax step folder holding four items:
+Each checkpoint is one Orbax step folder holding two items:
 
 - "state": the `TrainState` pytree (arrays written by tensorstore);
-- "data": a small JSON dict with the position in the data, so that a resumed run sees
-  exactly the batches an uninterrupted run would have seen;
-- "run": a JSON dict of run state (best tracking, early stopping, eval history, ...);
-- "checksums": for every array of "state", its dtype and two 32-bit integer checksums,
-  computed when saved and verified when restored.
+- "manifest": one small JSON dict with everything else:
+  - "data": the position in the data, so that a resumed run sees exactly the batches an
+    uninterrupted run would have seen;
+  - "run": run state (best tracking, early stopping, eval history, ...);
+  - "checksums" (unless saved with `checksums=False`): for every array of "state", its
+    dtype and two 32-bit integer checksums, computed when saved and verified when
+    restored.
+
+One JSON item rather than one per part: each Orbax item costs a file, its metadata and a
+rename on save and a read on restore, which on a small model (the MNIST CNN) took more
+time than computing and verifying the checksums.
+
+Checkpoints in the older layouts restore too: "state" + "data" (written before checksums
+and run state existed: restored unverified, with an empty run state) and "state" +
+"data" + "run" + "checksums" (one JSON item per part).
 
 Orbax writes each checkpoint to a temporary directory and renames it only when every
 item is complete, so a checkpoint (checksums included) is never visible as "latest"
@@ -43,7 +53,9 @@ from jdl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STATE_ITEM, DATA_ITEM, RUN_ITEM, CHECKSUM_ITEM = "state", "data", "run", "checksums"
+STATE_ITEM, MANIFEST_ITEM = "state", "manifest"
+# The JSON items of the older layouts, read on restore only.
+DATA_ITEM, RUN_ITEM, CHECKSUM_ITEM = "data", "run", "checksums"
 CHECKSUM_ALGORITHM = "uint32-sum+odd-weighted-sum/v1"
 # Loggers that print internal tracebacks while jdl tries checkpoint after checkpoint.
 _NOISY_LOGGERS = ("absl", "orbax", "tensorstore")
@@ -139,6 +151,7 @@ class Checkpointer:
             self.directory,
             item_handlers={
                 STATE_ITEM: ocp.StandardCheckpointHandler(),
+                MANIFEST_ITEM: ocp.JsonCheckpointHandler(),
                 DATA_ITEM: ocp.JsonCheckpointHandler(),
                 RUN_ITEM: ocp.JsonCheckpointHandler(),
                 CHECKSUM_ITEM: ocp.JsonCheckpointHandler(),
@@ -166,7 +179,8 @@ class Checkpointer:
         """Starts saving `state` at `step` (returns before the write finishes when async).
 
         The checksums of the arrays are computed here, on the devices (one small
-        transfer), and written with the checkpoint, atomically.
+        transfer), and written with the checkpoint, atomically, in its one JSON item
+        together with `data_state` and `run_state`.
 
         Args:
           step: the training step the state belongs to.
@@ -191,15 +205,16 @@ class Checkpointer:
                     "names as best_metric"
                 )
         self.wait()  # an earlier async write that failed is reported here, with its step
+        manifest = {"data": data_state or {}, "run": run_state or {}}
+        if self.checksums:
+            manifest["checksums"] = {
+                "algorithm": CHECKSUM_ALGORITHM,
+                "arrays": tree_checksums(state),
+            }
         items = {
             STATE_ITEM: ocp.args.StandardSave(state),
-            DATA_ITEM: ocp.args.JsonSave(data_state or {}),
-            RUN_ITEM: ocp.args.JsonSave(run_state or {}),
+            MANIFEST_ITEM: ocp.args.JsonSave(manifest),
         }
-        if self.checksums:
-            items[CHECKSUM_ITEM] = ocp.args.JsonSave(
-                {"algorithm": CHECKSUM_ALGORITHM, "arrays": tree_checksums(state)}
-            )
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
         except Exception as error:
@@ -309,23 +324,62 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         self._check_compatible(step, abstract)
+        items, read_json = self._json_items(step)
+        items[STATE_ITEM] = ocp.args.StandardRestore(abstract)
+        # One Orbax call reads the arrays and the JSON items together.
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        data_state, run_state, checksums = read_json(restored)
+        if checksums is not None:
+            self._verify(step, checksums, restored[STATE_ITEM])
+        return Restored(
+            step=step, state=restored[STATE_ITEM], data_state=data_state, run_state=run_state
+        )
+
+    def _json_items(
+        self, step: int, *, weights_only: bool = False
+    ) -> tuple[dict, Callable[[Any], tuple[dict, dict, Any]]]:
+        """The JSON items to restore for the layout of the checkpoint at `step`, and a
+        function that takes them from the restored composite and returns (data state, run
+        state, checksums to verify or None).
+
+        Layouts: "manifest" (data, run and checksums in one item); the older "data" [+
+        "run"] [+ "checksums"], one item each, of which `weights_only` reads the checksums
+        alone. Checksums are None when this checkpointer does not verify or the
+        checkpoint has none.
+        """
         present = self._items(step)
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}
+        if MANIFEST_ITEM in present or DATA_ITEM not in present:
+            # A checkpoint with neither JSON item fails in Orbax's read, naming the manifest.
+            return {MANIFEST_ITEM: ocp.args.JsonRestore()}, lambda r: self._read_manifest(step, r)
         verify = self.checksums and CHECKSUM_ITEM in present
+        items = {}
+        if not weights_only:
+            items[DATA_ITEM] = ocp.args.JsonRestore()
+            if RUN_ITEM in present:
+                items[RUN_ITEM] = ocp.args.JsonRestore()
         if verify:
             items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
-        if RUN_ITEM in present:
-            items[RUN_ITEM] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if verify:
-            self._verify(step, restored[CHECKSUM_ITEM], restored[STATE_ITEM])
-        run_state = restored[RUN_ITEM] if RUN_ITEM in present else None
-        return Restored(
-            step=step,
-            state=restored[STATE_ITEM],
-            data_state=dict(restored[DATA_ITEM]),
-            run_state=dict(run_state or {}),
-        )
+
+        def read_items(restored: Any) -> tuple[dict, dict, Any]:
+            data_state = restored[DATA_ITEM] if DATA_ITEM in items else None
+            run_state = restored[RUN_ITEM] if RUN_ITEM in items else None
+            checksums = restored[CHECKSUM_ITEM] if verify else None
+            return dict(data_state or {}), dict(run_state or {}), checksums
+
+        return items, read_items
+
+    def _read_manifest(self, step: int, restored: Any) -> tuple[dict, dict, Any]:
+        manifest = restored[MANIFEST_ITEM]
+        parts = ("data", "run")
+        if not isinstance(manifest, dict) or not all(
+            isinstance(manifest.get(part), dict) for part in parts
+        ):
+            raise CheckpointCorruptError(
+                f"the manifest of the checkpoint at step {step} in {self.directory} lacks "
+                "its data or run entry (garbled file)"
+            )
+        checksums = manifest.get("checksums") if self.checksums else None
+        return dict(manifest["data"]), dict(manifest["run"]), checksums
 
     def _restore_weights_step(self, weights: dict, step: int) -> Restored:
         if step not in self.all_steps():
@@ -342,11 +396,12 @@ class Checkpointer:
                     partial_restore=True,
                 ),
             )
-        if self.checksums and CHECKSUM_ITEM in self._items(step):
-            saved = self._manager.restore(
-                step, args=ocp.args.Composite(**{CHECKSUM_ITEM: ocp.args.JsonRestore()})
-            )[CHECKSUM_ITEM]
-            self._verify(step, saved, state)
+        items, read_json = self._json_items(step, weights_only=True)
+        if self.checksums and items:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            checksums = read_json(restored)[2]
+            if checksums is not None:
+                self._verify(step, checksums, state)
         return Restored(step=step, state=state, data_state={})
 
     def _verify(self, step: int, saved: dict, tree: Any) -> None:
@@ -354,10 +409,11 @@ class Checkpointer:
         differs from the one saved. Arrays restored into another dtype than they were
         saved with (a conversion asked for by the target) cannot be compared bitwise and
         are left unverified."""
-        if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+        algorithm = saved.get("algorithm") if isinstance(saved, dict) else None
+        if algorithm != CHECKSUM_ALGORITHM:
             raise CheckpointCorruptError(
                 f"the checksums of the checkpoint at step {step} in {self.directory} use "
-                f"an unknown algorithm {saved.get('algorithm')!r}"
+                f"an unknown algorithm {algorithm!r}"
             )
         expected = saved.get("arrays", {})
         actual = tree_checksums(tree)
@@ -647,15 +703,22 @@ def _host_checksum(x: np.ndarray) -> tuple[int, int]:
 
 
 def _drop_closed_event_loop_reports() -> None:
-    """From now on, drops the "Event loop is closed" errors of failed restores.
+    """From now on, drops the "Event loop is closed" errors and the "Task exception was
+    never retrieved" logs of failed restores.
 
     When one array of a checkpoint fails to read, Orbax closes its event loop while
     tensorstore still completes the reads of the other arrays; each completion then
     reports a `RuntimeError('Event loop is closed')` through `sys.unraisablehook`, later
-    and from other threads (a dozen tracebacks after jdl's one error). They mean nothing
-    more than the failure already reported, so this filter (installed once) drops exactly
-    those and hands every other report to the hook that was there before.
+    and from other threads (a dozen tracebacks after jdl's one error), and the reads that
+    failed too may be logged by asyncio when their tasks are collected, at any later
+    moment, up to the exit. They mean nothing more than the failure already reported, so
+    these filters (installed once) drop exactly those: the hook hands every other report
+    to the hook that was there before; the "asyncio" logger's filter drops only unretrieved
+    task errors that come from tensorstore.
     """
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadTaskFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_FailedReadTaskFilter())
     if getattr(sys.unraisablehook, "_jdl_filter", False):
         return
     previous = sys.unraisablehook
@@ -668,6 +731,18 @@ def _drop_closed_event_loop_reports() -> None:
 
     hook._jdl_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+class _FailedReadTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of tensorstore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            str(record.msg).startswith("Task exception was never retrieved")
+            and error is not None
+            and "tensorstore_spec" in str(error)
+        )
 
 
 @contextlib.contextmanager

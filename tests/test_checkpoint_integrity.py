@@ -4,9 +4,9 @@ quiet failures, run state, the best-metric name, weights-only restore, a full di
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import jdl
 from jdl.checkpoint import (
+    CHECKSUM_ALGORITHM,
     BestMetricError,
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -203,17 +204,115 @@ def test_every_checkpoint_corrupt_is_one_error_listing_each_step_once(tmp_path, 
     checkpointer.close()
 
 
-def test_checkpoints_without_checksums_or_run_state_still_restore(tmp_path):
-    """Checkpoints written before checksums and run state existed hold neither item."""
-    first, second = _save_two(tmp_path)
-    for step in (1, 2):
-        for item in ("checksums", "run"):
-            assert (tmp_path / str(step) / item).is_dir()
-            shutil.rmtree(tmp_path / str(step) / item)
+def _save_in_an_older_layout(directory, states, *, four_items):
+    """Writes `states` (step: state) as jdl wrote checkpoints before the manifest: one
+    Orbax item per part. Two items ("state", "data") as before checksums and run state
+    existed; four ("state", "data", "run", "checksums") as before they became one item."""
+    json = ocp.JsonCheckpointHandler
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": json(),
+            "run": json(),
+            "checksums": json(),
+        },
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+    )
+    for step, state in states.items():
+        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave({"s": step})}
+        if four_items:
+            items["run"] = ocp.args.JsonSave({"eval_history": [{"step": step}]})
+            items["checksums"] = ocp.args.JsonSave(
+                {"algorithm": CHECKSUM_ALGORITHM, "arrays": tree_checksums(state)}
+            )
+        manager.save(step, args=ocp.args.Composite(**items))
+    manager.close()
+    expected = {"state", "data", "run", "checksums"} if four_items else {"state", "data"}
+    assert {p.name for p in (Path(directory) / "2").iterdir() if p.is_dir()} == expected
+
+
+def test_two_item_checkpoints_restore_unverified_without_run_state(tmp_path):
+    first, second = _state(), _scaled(_state(), 2)
+    _save_in_an_older_layout(tmp_path, {1: first, 2: second}, four_items=False)
     checkpointer = jdl.Checkpointer(tmp_path)
     restored = checkpointer.restore(_state(seed=3))
-    assert restored.step == 2 and restored.run_state == {}
+    assert restored.step == 2 and restored.data_state == {"s": 2} and restored.run_state == {}
     _assert_bitwise_equal(restored.state, second)
+    _assert_bitwise_equal(checkpointer.restore_weights(_state(seed=3)).params, second.params)
+    # Nothing to verify against: a flipped byte restores silently, as it always did.
+    _flip_middle_of_largest_data_file(tmp_path / "2", 64)
+    assert checkpointer.restore(_state(seed=3)).step == 2
+    checkpointer.close()
+
+
+def test_four_item_checkpoints_restore_with_run_state_and_are_verified(tmp_path, caplog):
+    first, second = _state(), _scaled(_state(), 2)
+    _save_in_an_older_layout(tmp_path, {1: first, 2: second}, four_items=True)
+    checkpointer = jdl.Checkpointer(tmp_path)
+    restored = checkpointer.restore(_state(seed=3))
+    assert restored.step == 2 and restored.data_state == {"s": 2}
+    assert restored.run_state == {"eval_history": [{"step": 2}]}
+    _assert_bitwise_equal(restored.state, second)
+
+    _flip_middle_of_largest_data_file(tmp_path / "2", 1)
+    with pytest.raises(CheckpointCorruptError, match="'params/hidden/0/kernel'"):
+        checkpointer.restore_weights(_state(tx=optax.sgd(0.1)), step=2)
+    with caplog.at_level(logging.WARNING, logger="jdl.checkpoint"):
+        restored = checkpointer.restore(_state(seed=3))
+    assert restored.step == 1 and restored.run_state == {"eval_history": [{"step": 1}]}
+    _assert_bitwise_equal(restored.state, first)
+    warnings = _jdl_warnings(caplog)
+    assert len(warnings) == 1 and "'params/hidden/0/kernel'" in warnings[0]
+
+    # A run resumed from an older checkpoint goes on in the new layout beside it.
+    checkpointer.save(3, second, data_state={"s": 3}, run_state={"r": 3})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [1, 3]
+    assert checkpointer.restore(_state(seed=3)).run_state == {"r": 3}
+    assert checkpointer.restore(_state(seed=3), step=1).data_state == {"s": 1}
+    checkpointer.close()
+
+
+def _manifest(step_dir: Path) -> dict:
+    return json.loads((step_dir / "manifest" / "metadata").read_text())
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_checkpoint_is_its_arrays_and_one_json_manifest(tmp_path, checksums):
+    """Data position, run state and checksums are one Orbax item: on a small model each
+    item costs more to write and read than the checksums themselves."""
+    state = _state(hidden=8)
+    checkpointer = jdl.Checkpointer(tmp_path, checksums=checksums)
+    checkpointer.save(3, state, data_state={"epoch": 1}, run_state={"since_best": 2})
+    checkpointer.close()
+    assert {p.name for p in (tmp_path / "3").iterdir() if p.is_dir()} == {"state", "manifest"}
+    manifest = _manifest(tmp_path / "3")
+    assert manifest["data"] == {"epoch": 1} and manifest["run"] == {"since_best": 2}
+    if checksums:  # the same layout either way; only the checksums entry differs
+        assert sorted(manifest) == ["checksums", "data", "run"]
+        assert manifest["checksums"] == {
+            "algorithm": CHECKSUM_ALGORITHM,
+            "arrays": json.loads(json.dumps(tree_checksums(state))),
+        }
+    else:
+        assert sorted(manifest) == ["data", "run"]
+
+
+def test_a_manifest_without_its_entries_is_corrupt(tmp_path, caplog):
+    first, _ = _save_two(tmp_path)
+    (tmp_path / "2" / "manifest" / "metadata").write_text(json.dumps({"checksums": {}}))
+    checkpointer = jdl.Checkpointer(tmp_path)
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=r"^the manifest of the checkpoint at step 2 in .* lacks its data or run entry",
+    ):
+        checkpointer.restore(_state(), step=2)
+    with caplog.at_level(logging.WARNING, logger="jdl.checkpoint"):
+        restored = checkpointer.restore(_state())
+    assert restored.step == 1 and restored.data_state == {"s": 1}
+    _assert_bitwise_equal(restored.state, first)
+    assert len(_jdl_warnings(caplog)) == 1 and (tmp_path / "2.corrupt").is_dir()
     checkpointer.close()
 
 
@@ -295,6 +394,30 @@ def test_closed_event_loop_reports_of_a_failed_restore_are_dropped_others_kept(
     assert [str(u.exc_value) for u in seen] == ["something else"]
 
 
+def test_unretrieved_task_errors_of_failed_reads_are_dropped_others_kept(tmp_path, caplog):
+    _save_two(tmp_path)
+    _flip_middle_of_largest_data_file(tmp_path / "2", 64)
+    checkpointer = jdl.Checkpointer(tmp_path)
+    assert checkpointer.restore(_state()).step == 1  # installs the filter
+    checkpointer.close()
+    asyncio_logger = logging.getLogger("asyncio")
+    read_error = ValueError("OUT_OF_RANGE: Error reading \"w/.zarray\" [tensorstore_spec='{}']")
+    other_error = ValueError("a task of the user failed")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for error in (read_error, other_error):
+            asyncio_logger.error(
+                "Task exception was never retrieved\nfuture: <Task finished>",
+                exc_info=(ValueError, error, None),
+            )
+        asyncio_logger.error(
+            "Unhandled exception in event loop", exc_info=(ValueError, read_error, None)
+        )
+    kept = [r.getMessage().splitlines()[0] for r in caplog.records if r.name == "asyncio"]
+    assert kept == ["Task exception was never retrieved", "Unhandled exception in event loop"]
+    assert caplog.text.count("a task of the user failed") == 1
+    assert caplog.text.count("tensorstore_spec") == 1  # from the other message only
+
+
 def test_library_error_logs_are_silenced_while_trying_candidates_then_restored(
     tmp_path, monkeypatch, caplog
 ):
@@ -324,7 +447,7 @@ def test_library_error_logs_are_silenced_while_trying_candidates_then_restored(
 # --- run state -------------------------------------------------------------------------
 
 
-def test_run_state_round_trips_as_its_own_item(tmp_path):
+def test_run_state_round_trips_in_the_manifest(tmp_path):
     run_state = {
         "best_tracker": {"best": {"step": 4, "accuracy": 0.75}, "since_best": 1},
         "eval_history": [{"step": 2, "accuracy": 0.5}, {"step": 4, "accuracy": 0.75}],
@@ -334,7 +457,7 @@ def test_run_state_round_trips_as_its_own_item(tmp_path):
     checkpointer.save(4, {"w": jnp.ones(3)}, data_state={"epoch": 1}, run_state=run_state)
     checkpointer.save(5, {"w": jnp.ones(3)})
     checkpointer.wait()
-    assert (tmp_path / "4" / "run").is_dir()
+    assert _manifest(tmp_path / "4")["run"] == run_state
     restored = checkpointer.restore({"w": jnp.zeros(3)}, step=4)
     assert restored.run_state == run_state and restored.data_state == {"epoch": 1}
     assert checkpointer.restore({"w": jnp.zeros(3)}).run_state == {}

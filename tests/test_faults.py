@@ -203,7 +203,7 @@ CORRUPTIONS = {
     "truncated tree metadata": lambda d: os.truncate(d / "state" / "_METADATA", 10),
     "missing tree metadata": lambda d: os.remove(d / "state" / "_METADATA"),
     "missing state": lambda d: shutil.rmtree(d / "state"),
-    "truncated data position": lambda d: os.truncate(d / "data" / "metadata", 3),
+    "truncated data position": lambda d: os.truncate(d / "manifest" / "metadata", 3),
 }
 
 
@@ -241,7 +241,7 @@ def test_every_checkpoint_corrupt_is_one_clear_error(tmp_path):
     checkpointer.close()
     for step in (1, 2):
         os.remove(tmp_path / str(step) / "state" / "_METADATA")
-        shutil.rmtree(tmp_path / str(step) / "data")
+        shutil.rmtree(tmp_path / str(step) / "manifest")
     checkpointer = jdl.Checkpointer(tmp_path)
     with pytest.raises(CheckpointCorruptError, match=r"no checkpoint in .* could be read: step 2"):
         checkpointer.restore(tree)
