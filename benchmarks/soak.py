@@ -30,10 +30,16 @@ Checkpoint overhead:
 instead times `Checkpointer.save` (the call, and the call plus the wait for the
 asynchronous write) and `Checkpointer.restore` of two Adam `TrainState`s, the MNIST CNN
 and an MLP 1024-H-H-10 (H=4096: 21M parameters, 63M arrays values with Adam's moments),
-with and without checksums, alternating the two in each repeat (the first repeat warms
-up and is left out). It prints the medians and, per model, a line
+with and without checksums, alternating the two in each repeat, each first in every other
+repeat (the first repeat warms up and is left out). Both write the same layout (the arrays
+and one JSON manifest); "off" leaves the checksums out of the manifest and does not verify
+on restore, so the ratio is the cost of the checksums alone. It prints the medians, the
+load average before and after each model (the timings are only as steady as the machine)
+and, per model, a line
 
     CHECKPOINT <model> params=<n> mib=<x> save+restore off=<s> on=<s> ratio=<on/off>
+
+The background write is `save s` minus `save call s`.
 """
 
 from __future__ import annotations
@@ -153,14 +159,17 @@ def checkpoint_states(mlp_hidden: int) -> dict[str, jdl.TrainState]:
 
 def time_checkpoints(state, repeats: int, directory: str) -> dict[str, dict[str, float]]:
     """{"off"|"on": {"save_call", "save", "restore": median seconds}} over `repeats`
-    save/restore rounds, checksums off and on alternating within each round."""
+    save/restore rounds, checksums off and on alternating within each round, in the order
+    off-on, on-off, off-on, ... so that neither always follows the other (the one that
+    goes second may find the disk still busy with the first one's writes)."""
     checkpointers = {
         mode: jdl.Checkpointer(os.path.join(directory, mode), max_to_keep=2, checksums=on)
         for mode, on in (("off", False), ("on", True))
     }
     times = {mode: {"save_call": [], "save": [], "restore": []} for mode in checkpointers}
     for step in range(repeats + 1):  # round 0 warms up (compiles, first files)
-        for mode, checkpointer in checkpointers.items():
+        order = list(checkpointers.items())
+        for mode, checkpointer in order if step % 2 == 0 else order[::-1]:
             jax.block_until_ready(state)
             started = time.perf_counter()
             checkpointer.save(step, state)
@@ -194,8 +203,10 @@ def checkpoint_overhead(args: argparse.Namespace) -> dict[str, float]:
         leaves = jax.tree.leaves(state)
         mib = sum(np.asarray(jax.random.key_data(x) if _is_key(x) else x).nbytes for x in leaves)
         params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+        before = _load_average()
         with tempfile.TemporaryDirectory(prefix="jdl-ckpt-bench-") as directory:
             medians = time_checkpoints(state, args.repeats, directory)
+        print(f"{name}: load average {before} before, {_load_average()} after", flush=True)
         for mode, m in medians.items():
             print(
                 f"{name:>22} {params:>11,} {mib / MIB:>7.1f} {mode:>9} {m['save_call']:>11.4f} "
@@ -211,6 +222,14 @@ def checkpoint_overhead(args: argparse.Namespace) -> dict[str, float]:
             flush=True,
         )
     return ratios
+
+
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages, or "unknown" where the system has none."""
+    try:
+        return "/".join(f"{load:.2f}" for load in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _is_key(x) -> bool:
@@ -241,7 +260,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> bool:
     args = parse_args(argv)
     if args.checkpoint_overhead:
-        print(f"checkpoint overhead: {args.repeats} rounds; devices {jax.devices()}")
+        print(
+            f"checkpoint overhead: {args.repeats} rounds; devices {jax.devices()}; "
+            f"{os.cpu_count()} CPUs"
+        )
         checkpoint_overhead(args)
         return True
     print(f"soak: {args.steps} steps, a sample every {args.every}; devices {jax.devices()}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+
+import jax.numpy as jnp
 
 from benchmarks import soak
 
@@ -55,6 +58,9 @@ def test_checkpoint_overhead_times_both_models_with_and_without_checksums(capsys
         ("mlp_1024x32x32", "off"),
         ("mlp_1024x32x32", "on"),
     ]
+    loads = [line for line in lines if "load average" in line]
+    assert [line.split(":")[0] for line in loads] == ["mnist_cnn", "mlp_1024x32x32"]
+    assert all(re.search(r"load average [\d.]+/[\d.]+/[\d.]+ before", line) for line in loads)
     verdicts = [CHECKPOINT_LINE.fullmatch(line) for line in lines if line.startswith("CHECKPOINT")]
     assert [v["model"] for v in verdicts] == ["mnist_cnn", "mlp_1024x32x32"]
     assert int(verdicts[1]["params"]) == 1024 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
@@ -64,3 +70,17 @@ def test_checkpoint_overhead_times_both_models_with_and_without_checksums(capsys
         assert abs(float(verdict["on"]) - float(on[5]) - float(on[6])) < 2e-4
         ratio = float(verdict["on"]) / float(verdict["off"])
         assert abs(float(verdict["ratio"]) - ratio) < 1e-2
+
+
+def test_checkpoint_overhead_takes_turns_at_going_first(tmp_path, monkeypatch):
+    calls = []
+    save = soak.jdl.Checkpointer.save
+
+    def recording_save(self, step, state, **kwargs):
+        calls.append(os.path.basename(self.directory))
+        return save(self, step, state, **kwargs)
+
+    monkeypatch.setattr(soak.jdl.Checkpointer, "save", recording_save)
+    medians = soak.time_checkpoints({"w": jnp.ones(3)}, 3, str(tmp_path))
+    assert calls == ["off", "on", "on", "off", "off", "on", "on", "off"]
+    assert sorted(medians) == ["off", "on"] and all(m["save"] > 0 for m in medians.values())
