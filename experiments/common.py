@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     # that run's checkpoint (the latest, or STEP), with this run's own optimizer. Ignored
     # once this run's workdir holds a checkpoint: then it resumes as usual.
     c.init_from = ""
+    # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (TensorBoard's
+    # profiler or Perfetto open it); () traces nothing.
+    c.profile_steps = ()
     return c
 
 
@@ -175,6 +178,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("augment_max_shift", config.augment_max_shift >= 0, "must be >= 0"),
         ("validation_fraction", 0 <= config.validation_fraction < 1, "must be in [0, 1)"),
         ("eval_every", config.eval_every >= 0, "must be >= 0"),
+        (
+            "profile_steps",
+            len(config.profile_steps) == 0
+            or (len(config.profile_steps) == 2 and 1 <= config.profile_steps[0])
+            and config.profile_steps[0] <= config.profile_steps[-1],
+            "must be () or (first, last) with 1 <= first <= last",
+        ),
         ("log_every", config.log_every >= 0, "must be >= 0"),
         ("checkpoint_every", config.checkpoint_every >= 0, "must be >= 0"),
         ("max_to_keep", config.max_to_keep >= 1, "must be >= 1"),
@@ -326,6 +336,7 @@ def _train_classifier(
             steps_per_dispatch=config.steps_per_dispatch,
             unroll=config.unroll or True,
             progress=config.progress,
+            profile_steps=tuple(config.profile_steps) or None,
             mesh=mesh,
             sharding_rules=sharding_rules,
             run_config=config,
@@ -469,6 +480,7 @@ def fit_and_test(
         steps_per_dispatch=config.steps_per_dispatch,
         unroll=config.unroll or True,
         progress=config.progress,
+        profile_steps=tuple(config.profile_steps) or None,
         run_config=config,
     )
     test = jdl.make_evaluator(scoring, 1000)(result.state, dataset["test"])

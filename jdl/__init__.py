@@ -9,6 +9,7 @@ from jdl import (
     data,
     errors,
     hf,
+    hooks,
     jsonio,
     losses,
     metrics,
@@ -43,6 +44,7 @@ from jdl.data.pipeline import (
 )
 from jdl.data.text import CharVocab, RandomWindows
 from jdl.errors import UserError
+from jdl.hooks import Hook, HookContext
 from jdl.inference import PredictInputError, predict
 from jdl.lock import WorkdirError, WorkdirLock, WorkdirLockedError
 from jdl.logging import MetricLogger, plot_curves, read_metrics
@@ -81,6 +83,8 @@ __all__ = [
     "ConfigError",
     "EmptyDataError",
     "FitResult",
+    "Hook",
+    "HookContext",
     "InMemoryData",
     "LabelRangeError",
     "LossOutputError",
@@ -113,6 +117,7 @@ __all__ = [
     "errors",
     "fit",
     "hf",
+    "hooks",
     "initialize_distributed",
     "jsonio",
     "losses",

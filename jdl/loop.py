@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ from jdl.config import write_run_record
 from jdl.data.dataset import EmptyDataError, check_finite
 from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData, check_labels
 from jdl.errors import UserError
+from jdl.hooks import Hook, HookContext, Profile
 from jdl.lock import WorkdirLock
 from jdl.logging import MetricLogger, plot_curves
 from jdl.state import TrainState
@@ -139,6 +140,8 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     sharding_rules: parallel.ShardingRules | None = None,
     run_config: Mapping | None = None,
+    hooks: Sequence[Hook] = (),
+    profile_steps: tuple[int, int] | None = None,
 ) -> FitResult:
     """Trains `state` for `num_steps` steps and returns the result.
 
@@ -199,6 +202,13 @@ def fit(
         `jdl.parallel.ShardingRules()`); used only with `mesh`.
       run_config: the run's config (a dict or `ml_collections.ConfigDict`), recorded in
         `workdir/config.json`; None records `fit`'s own settings.
+      hooks: periodic actions run at chunk boundaries after the log and eval of that step
+        (see `jdl.hooks`): extra eval sets, saved predictions, custom stopping, your own.
+        Chunks are cut at every hook's steps. A hook returning True stops the run after
+        a checkpoint of that step; a hook's exception stops it with the checkpoints of
+        earlier boundaries whole.
+      profile_steps: (first, last): write a `jax.profiler` trace of these steps to
+        `workdir/profile` (a `jdl.hooks.Profile` hook).
 
     Raises:
       NonFiniteLossError: a train loss, gradient norm or parameter norm was NaN/inf, or
@@ -215,6 +225,7 @@ def fit(
         disk); the run stops, earlier checkpoints are intact and a rerun resumes.
     """
     _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
+    hooks = list(hooks) + ([Profile(profile_steps)] if profile_steps else [])
     _check_data(state, train_data, eval_data if eval_step is not None else None)
     state, shardings = parallel.place_for_fit(state, train_data, mesh, sharding_rules)
     started = time.perf_counter()
@@ -273,13 +284,24 @@ def fit(
     saver = _GuardedSaver(checkpointer, train_data, state, start_step)
     pending: list[tuple[Metrics, int, int]] = []
     step, interval_start, interval_time = start_step, start_step, time.perf_counter()
+    stopped_by: str | None = None  # the hook that asked to stop
     failed = True
     try:
+        context = functools.partial(
+            HookContext,
+            num_steps=num_steps,
+            workdir=workdir,
+            logger=logger,
+            is_writer=jax.process_index() == 0,
+        )
+        for hook in hooks:
+            hook.on_start(context(step=step, state=state, train_metrics={}, eval_metrics=None))
         with _StopSignals(enabled=workdir is not None) as signals:
-            while step < num_steps and not run.tracker.should_stop:
+            while step < num_steps and not run.tracker.should_stop and stopped_by is None:
                 stop = _next_boundary(
                     step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
                 )
+                stop = min([stop] + [hook.next_due(step, num_steps) for hook in hooks])
                 inputs = train_data.chunk_inputs(stop - step, steps_per_dispatch)
                 state, chunk_metrics = run_chunk(state, inputs, jnp.int32(stop))
                 pending.append((chunk_metrics, step, stop - step))
@@ -289,8 +311,10 @@ def fit(
                 eval_now = run_eval is not None and eval_data is not None
                 eval_now = eval_now and (_due(step, eval_every) or is_last)
                 save_due = checkpointer is not None and (_due(step, checkpoint_every) or is_last)
-                signum = signals.requested(at_sync_point=log_now or eval_now or save_due)
-                if log_now or eval_now or save_due or signum:
+                due_hooks = [hook for hook in hooks if hook.is_due(step, num_steps)]
+                sync_point = log_now or eval_now or save_due or bool(due_hooks)
+                signum = signals.requested(at_sync_point=sync_point)
+                if sync_point or signum:
                     flushed = _flush_or_explain(pending, saver)  # host sync; raises on NaN
                     pending = []
                     run.train_metrics = flushed.means
@@ -314,10 +338,18 @@ def fit(
                     eval_metrics = run_eval(state, eval_data)
                     logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     run.add_eval(step, eval_metrics)
+                for hook in due_hooks:
+                    at = context(
+                        step=step,
+                        state=state,
+                        train_metrics=run.train_metrics,
+                        eval_metrics=eval_metrics,
+                    )
+                    if hook(at) and stopped_by is None:
+                        stopped_by = hook.name
                 new_best = eval_metrics is not None and run.tracker.improved
-                if checkpointer is not None and (
-                    save_due or run.tracker.should_stop or new_best or signum
-                ):
+                stopping = run.tracker.should_stop or stopped_by is not None
+                if checkpointer is not None and (save_due or stopping or new_best or signum):
                     saver.save(step, state, run, eval_metrics)
                 if signum:
                     saver.wait()  # the checkpoint is whole on disk before the process goes
@@ -333,8 +365,12 @@ def fit(
                 f"{best[best_metric]:.4f} (step {best['step']}) for "
                 f"{early_stopping_patience} evaluations"
             )
+        if stopped_by is not None:
+            logger.message(f"stopped at step {step}: hook {stopped_by} asked to stop")
         failed = False
     finally:
+        for hook in hooks:
+            hook.close()
         if checkpointer is not None:
             # Waits for async writes: the last good checkpoint is whole. After a failure
             # its own errors are only logged, so they cannot mask the first one.
@@ -342,6 +378,7 @@ def fit(
         logger.close()
         train_data.close()  # stops a stream's prefetch thread
     result = run.result(state, step, time.perf_counter() - started, finished=False)
+    result.stopped_early = result.stopped_early or stopped_by is not None
     if workdir is not None and jax.process_index() == 0:
         plot_curves(workdir)
         _write_final(workdir, result)

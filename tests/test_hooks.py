@@ -1,0 +1,154 @@
+"""Hooks: periodic actions at chunk boundaries (user hooks, extra eval sets, predictions,
+custom stopping, profiling) without changing what the fused chunks compute."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jdl
+from jdl.hooks import EvalSet, Hook, HookError, Profile, SavePredictions, StopWhen
+
+
+def _blobs(n=256, classes=4, dim=8, seed=0):
+    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = centers[y] + rng.normal(0, 1, (n, dim))
+    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+
+
+def _state():
+    model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
+    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
+    return jdl.TrainState.create(model, tx, seed=0)
+
+
+_LOSS = jdl.classification_loss()
+_TRAIN_STEP = jdl.make_train_step(_LOSS)
+_EVAL_STEP = jdl.make_eval_step(_LOSS)
+
+
+def _fit(workdir=None, num_steps=30, **kwargs):
+    options = dict(
+        train_step=_TRAIN_STEP,
+        train_data=jdl.InMemoryData(_blobs(), batch_size=32, seed=0),
+        num_steps=num_steps,
+        log_every=10,
+        workdir=None if workdir is None else str(workdir),
+        steps_per_dispatch=5,
+        progress=False,
+    )
+    options.update(kwargs)
+    return jdl.fit(_state(), **options)
+
+
+def _params(result):
+    return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
+
+
+def test_a_user_hook_runs_at_its_steps_and_changes_nothing_computed():
+    seen = []
+
+    class Record(Hook):
+        def __call__(self, context):
+            seen.append((context.step, round(context.train_metrics["loss"], 6)))
+            assert int(context.state.step) == context.step
+
+    plain = _fit()
+    hooked = _fit(hooks=[Record(every=7, at=(3,), at_end=True)])
+    assert [step for step, _ in seen] == [3, 7, 14, 21, 28, 30]
+    for a, b in zip(_params(plain), _params(hooked), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_function_hook_and_schedule_errors():
+    steps = []
+    _fit(num_steps=12, hooks=[Hook(every=4, fn=lambda context: steps.append(context.step))])
+    assert steps == [4, 8, 12]
+    with pytest.raises(HookError, match="every=N"):
+        Hook(fn=print)
+    with pytest.raises(HookError, match=">= 0"):
+        Hook(every=-1)
+    with pytest.raises(jdl.UserError, match="first <= last"):
+        Profile((5, 2))
+
+
+def test_an_extra_eval_set_logs_its_metrics(tmp_path):
+    ood = _blobs(n=90, seed=7)
+    extra = EvalSet("ood", _EVAL_STEP, ood, every=10)
+    result = _fit(tmp_path, hooks=[extra])
+    assert [h["step"] for h in extra.history] == [10, 20, 30]
+    expected = jdl.make_evaluator(_EVAL_STEP, 1000)(result.state, ood)
+    assert extra.history[-1]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-7)
+    records = jdl.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records if "ood/accuracy" in r] == [10, 20, 30]
+
+
+def test_predictions_are_saved_at_their_steps(tmp_path):
+    inputs = _blobs(n=17, seed=3)["x"]
+    hook = SavePredictions(inputs, every=15, transform=lambda y: y.argmax(-1))
+    result = _fit(tmp_path, hooks=[hook])
+    saved = sorted(glob.glob(str(tmp_path / "predictions" / "*.npy")))
+    assert [p.rsplit("/", 1)[1] for p in saved] == ["step_15.npy", "step_30.npy"]
+    last = np.load(tmp_path / "predictions" / "step_30.npy")
+    np.testing.assert_array_equal(last, jdl.predict(result.state, inputs).argmax(-1))
+
+
+def test_stop_when_ends_the_run_with_a_checkpoint_of_that_step(tmp_path):
+    hook = StopWhen(lambda c: c.train_metrics["loss"] < 0.5, every=5, reason="loss below 0.5")
+    result = _fit(tmp_path, num_steps=400, hooks=[hook], checkpoint_every=100)
+    assert result.stopped_early and result.step < 400 and result.step % 5 == 0
+    checkpointer = jdl.Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.latest_step() == result.step
+    checkpointer.close()
+
+
+def test_a_hook_error_stops_the_run_with_the_last_checkpoint_whole(tmp_path):
+    def fail_at_25(context):
+        if context.step == 25:
+            raise RuntimeError("the hook broke")
+
+    with pytest.raises(RuntimeError, match="the hook broke"):
+        _fit(tmp_path, hooks=[Hook(every=5, fn=fail_at_25)], checkpoint_every=10)
+    assert not (tmp_path / ".lock").exists()
+    checkpointer = jdl.Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.all_steps()[-1] == 20
+    assert checkpointer.restore(_state()).step == 20  # whole and readable
+    checkpointer.close()
+    resumed = _fit(tmp_path)
+    straight = _fit()
+    for a, b in zip(_params(resumed), _params(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_profile_steps_write_a_trace_and_change_no_result(tmp_path):
+    traced = _fit(tmp_path, profile_steps=(11, 15))
+    files = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    assert files, "no trace written"
+    for a, b in zip(_params(traced), _params(_fit()), strict=True):
+        np.testing.assert_array_equal(a, b)
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["step"] == 30
+
+
+def test_experiments_take_profile_steps_from_the_config(tmp_path):
+    from experiments import mnist_mlp
+
+    mnist_mlp.main(
+        [
+            "--config.duration=20 steps",
+            "--config.profile_steps=(5, 10)",
+            "--config.download=false",
+            "--config.progress=false",
+            f"--workdir={tmp_path}",
+        ]
+    )
+    assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    with pytest.raises(SystemExit, match="profile_steps"):
+        mnist_mlp.main(["--config.profile_steps=(9, 3)", f"--workdir={tmp_path / 'bad'}"])
