@@ -311,6 +311,13 @@ def _train_classifier(
         f"devices: {jax.devices()}",
         flush=True,
     )
+    model_summary = None
+    if jax.process_index() == 0:
+        from jdl.summary import summary
+
+        x = train_split["x"]  # shape and dtype only: a global array needs no gathering
+        model_summary = summary(model, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+        print(model_summary.format(max_rows=30), flush=True)
     with workdir_lock(workdir):  # taken here: nothing before it writes to the workdir
         result = jdl.fit(
             state,
@@ -341,6 +348,8 @@ def _train_classifier(
             sharding_rules=sharding_rules,
             run_config=config,
         )
+        if model_summary is not None:  # after fit: a refused run leaves the workdir as it was
+            model_summary.write(workdir)
         test = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)(result.state, dataset["test"])
         final = {
             "test_accuracy": round(test["accuracy"], 4),
