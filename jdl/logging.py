@@ -85,6 +85,38 @@ class MetricLogger:
                 if name not in ("step", "time") and math.isfinite(value):
                     self._tb.scalar(name, value, int(step))
 
+    def image(self, name: str, image, step: int, *, rescale: bool = False) -> None:
+        """Writes `image` to TensorBoard's image dashboard under `name` at `step`.
+
+        Args:
+          name: the tag, e.g. "eval/confusion_matrix" or "samples/grid".
+          image: an array of shape (H, W) or (H, W, C), C in 1..4 (grey, grey+alpha,
+            RGB, RGBA): uint8 as it is, floats read as [0, 1] (clipped), other integers in
+            [0, 255], bool as black/white. Several images: arrange them in one grid.
+          step: the training step it belongs to.
+          rescale: map the array's own [min, max] to the full range first (heatmaps,
+            counts).
+
+        Does nothing on non-writing processes or without TensorBoard files
+        (`tensorboard=False` or no workdir).
+
+        Raises:
+          jdl.tensorboard.TensorBoardValueError: another shape, dtype or non-finite values.
+        """
+        if self._tb is not None:
+            self._tb.image(name, np.asarray(image), int(step), rescale=rescale)
+
+    def histogram(self, name: str, values, step: int, *, bins: int | str = 30) -> None:
+        """Writes a histogram of `values` (any array, e.g. a layer's weights) under `name`.
+
+        The histogram counts the finite entries (NaN and infinities are left out; nothing
+        is written when none is finite) in `bins` equal buckets from their minimum to
+        their maximum (`bins` as in `np.histogram`, e.g. 30 or "auto"). Does nothing on
+        non-writing processes or without TensorBoard files.
+        """
+        if self._tb is not None:
+            self._tb.histogram(name, np.asarray(values), int(step), bins=bins)
+
     def advance(self, steps: int, *, samples_per_second: float, loss: float | None) -> None:
         """Moves the progress bar by `steps` and shows throughput and the latest loss."""
         if self._bar is None:
