@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jdl.tensorboard import EventWriter
 
@@ -85,7 +86,7 @@ class MetricLogger:
                 if name not in ("step", "time") and math.isfinite(value):
                     self._tb.scalar(name, value, int(step))
 
-    def image(self, name: str, image, step: int, *, rescale: bool = False) -> None:
+    def image(self, name: str, image: ArrayLike, step: int, *, rescale: bool = False) -> None:
         """Writes `image` to TensorBoard's image dashboard under `name` at `step`.
 
         Args:
@@ -106,7 +107,7 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.image(name, np.asarray(image), int(step), rescale=rescale)
 
-    def histogram(self, name: str, values, step: int, *, bins: int | str = 30) -> None:
+    def histogram(self, name: str, values: ArrayLike, step: int, *, bins: int | str = 30) -> None:
         """Writes a histogram of `values` (any array, e.g. a layer's weights) under `name`.
 
         The histogram counts the finite entries (NaN and infinities are left out; nothing

@@ -23,6 +23,7 @@ import time
 import zlib
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jdl.errors import UserError
 
@@ -122,7 +123,7 @@ class TensorBoardValueError(UserError, ValueError):
     """An image or histogram that cannot be written (wrong shape, dtype or values)."""
 
 
-def image_pixels(image, *, rescale: bool = False) -> np.ndarray:
+def image_pixels(image: ArrayLike, *, rescale: bool = False) -> np.ndarray:
     """`image` as uint8 pixels of shape (H, W, C), C = 1 (grey), 2 (grey, alpha), 3 (RGB)
     or 4 (RGBA).
 
@@ -197,7 +198,7 @@ class Histogram:
       bucket: count of each bucket.
     """
 
-    def __init__(self, values, *, bins: int | str = 30):
+    def __init__(self, values: ArrayLike, *, bins: int | str = 30):
         array = np.asarray(values, dtype=np.float64).ravel()
         array = array[np.isfinite(array)]  # NaN and +-inf have no place on the axis
         self.num = float(array.size)
@@ -240,12 +241,12 @@ class EventWriter:
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._write(_event(time.time(), int(step), _scalar_summary(tag, float(value))))
 
-    def image(self, tag: str, image, step: int, *, rescale: bool = False) -> None:
+    def image(self, tag: str, image: ArrayLike, step: int, *, rescale: bool = False) -> None:
         """Writes `image` (see `image_pixels` for the shapes and dtypes) as a PNG."""
         pixels = image_pixels(image, rescale=rescale)
         self._write(_event(time.time(), int(step), _image_summary(tag, pixels)))
 
-    def histogram(self, tag: str, values, step: int, *, bins: int | str = 30) -> None:
+    def histogram(self, tag: str, values: ArrayLike, step: int, *, bins: int | str = 30) -> None:
         """Writes a histogram of the finite entries of `values` (`bins` as `np.histogram`'s).
 
         Nothing is written when no entry is finite.
