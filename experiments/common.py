@@ -158,7 +158,7 @@ def initial_state(state: jdl.TrainState, init_from: str, workdir: str | None) ->
     directory = os.path.join(source, "checkpoints")
     if not has_checkpoint(source):
         raise ConfigError(f"config.init_from={init_from!r}: no checkpoints in {directory}")
-    checkpointer = jdl.Checkpointer(directory)
+    checkpointer = jdl.Checkpointer(directory, read_only=True)  # it may still be training
     try:
         return checkpointer.restore_weights(state, step=step)
     finally:

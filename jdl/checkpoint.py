@@ -112,6 +112,10 @@ class Checkpointer:
       async_save: write in a background thread while training continues.
       checksums: save a checksum of every array with each checkpoint and verify it on
         restore (checkpoints saved without checksums restore unverified).
+      read_only: only read (e.g. another run's checkpoints, which may still be training):
+        nothing in `directory` is created, cleaned up, renamed or deleted; an unreadable
+        checkpoint is skipped with a warning instead of being set aside, and `save`
+        raises.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Checkpointer:
         best_mode: str = "max",
         async_save: bool = True,
         checksums: bool = True,
+        read_only: bool = False,
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
@@ -132,6 +137,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.checksums = checksums
+        self.read_only = read_only
         keep: list[policies.PreservationPolicy] = [policies.LatestN(n=max_to_keep)]
         if best_metric is not None:
             keep.append(_FirstBest(best_metric, best_mode))
@@ -142,9 +148,11 @@ class Checkpointer:
             best_mode=best_mode,
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
-            create=True,
-            # Half-written step folders of a killed or failed run are removed on start.
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            # Half-written step folders of a killed or failed run are removed on start
+            # (never in another run's directory: its folder in progress is not a leftover).
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self._writing_step: int | None = None  # the step of an unfinished async save
         self._manager = ocp.CheckpointManager(
@@ -195,7 +203,10 @@ class Checkpointer:
           CheckpointWriteError: this or the previous (asynchronous) save failed, e.g. with
             a full disk. Earlier checkpoints are untouched; the failed step's partial
             files are removed when the next run starts.
+          ValueError: the checkpointer is read-only.
         """
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read-only")
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
             if self.best_metric is not None and self.best_metric not in metrics:
@@ -546,6 +557,8 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> None:
         """Renames an unreadable checkpoint out of the way (kept for inspection)."""
+        if self.read_only:
+            return
         if jax.process_index() == 0:
             path = os.path.join(self.directory, str(step))
             if os.path.isdir(path):

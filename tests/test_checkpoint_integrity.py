@@ -607,3 +607,27 @@ def test_close_in_finally_does_not_mask_the_error_on_its_way(tmp_path, monkeypat
     warnings = _jdl_warnings(caplog)
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "No space left on device" in warnings[0] and "steps [1] are intact" in warnings[0]
+
+
+def test_a_read_only_checkpointer_leaves_another_runs_directory_alone(tmp_path):
+    tree = {"w": np.arange(16, dtype=np.float32)}
+    writer = jdl.Checkpointer(tmp_path)
+    for step in (1, 2):
+        writer.save(step, jax.tree.map(lambda x, s=step: x * s, tree))
+    writer.close()
+    in_progress = tmp_path / "3.orbax-checkpoint-tmp-123"  # the other run is saving step 3
+    in_progress.mkdir()
+    (tmp_path / "2" / "state" / "_METADATA").write_text("garbled")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    reader = jdl.Checkpointer(tmp_path, read_only=True)
+    restored = reader.restore(tree)  # step 2 is unreadable: skipped, not renamed
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.state["w"], tree["w"])
+    with pytest.raises(ValueError, match="read-only"):
+        reader.save(4, tree)
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert in_progress.is_dir()
+    assert not jdl.Checkpointer(tmp_path / "absent", read_only=True).all_steps()
+    assert not (tmp_path / "absent").exists()
