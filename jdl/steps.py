@@ -70,6 +70,131 @@ def classification_loss(*, label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
+def batch_gradients(
+    loss_fn: LossFn,
+    state: TrainState,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    model_state: nnx.State | None = None,
+    precision: str | precision_lib.Precision = "fp32",
+) -> tuple[Metrics, nnx.State, nnx.State]:
+    """Loss, metrics and gradients of one (micro-)batch; pure and traceable.
+
+    Merges the model from `state.params` and `model_state` (default `state.model_state`),
+    puts it in train mode, reseeds every RNG stream from `key` (see
+    `reseed_all_streams`) and differentiates the mean of `loss_fn`'s "loss" entry.
+    Under a mixed `precision` the parameters and floating batch entries are cast to
+    the compute dtype inside the differentiated function, so the gradients come back
+    in the parameters' dtype.
+
+    Returns:
+      (metrics: the float32 batch mean of each of `loss_fn`'s entries, the model state
+      after the forward pass in the dtypes of the one given, gradients shaped and typed
+      like `state.params`).
+
+    Raises:
+      LossOutputError: `loss_fn` does not return a dict of per-example values with "loss".
+    """
+    policy = precision_lib.get_policy(precision)
+    model_state = state.model_state if model_state is None else model_state
+
+    def compute_loss(params):
+        # The casts are inside the differentiated function: gradients come back fp32.
+        model = state.replace(model_state=model_state).model(policy.cast_to_compute(params))
+        policy.adapt(model)
+        model.train()
+        reseed_all_streams(model, key)
+        per_example = loss_fn(model, policy.cast_to_compute(batch))
+        _check_loss_output(per_example)
+        means = {
+            name: jnp.mean(jnp.asarray(value, jnp.float32)) for name, value in per_example.items()
+        }
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        return means["loss"], (means, precision_lib.cast_like(new_model_state, model_state))
+
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (_, (metrics, new_model_state)), grads = grad_fn(state.params)
+    return metrics, new_model_state, grads
+
+
+def accumulated_gradients(
+    loss_fn: LossFn,
+    state: TrainState,
+    batch: Batch,
+    *,
+    micro_batches: int = 1,
+    precision: str | precision_lib.Precision = "fp32",
+) -> tuple[Metrics, nnx.State, nnx.State]:
+    """`batch_gradients` of a whole batch, run as `micro_batches` micro-batches.
+
+    The RNG key is `state.step_key("model")`; micro-batch i uses `fold_in(key, i)`. With
+    M = `micro_batches` > 1 the leaves of `batch` (B, ...) are split into M micro-batches
+    of B / M examples that run one after another in a `jax.lax.scan`, threading the
+    model state through them; the metrics and gradients are the means over the
+    micro-batches. With M = 1 it is `batch_gradients` of the whole batch.
+
+    Returns:
+      (metrics, new model state, gradients) as `batch_gradients`.
+
+    Raises:
+      ValueError: the batch size is not a multiple of `micro_batches`.
+    """
+    key = state.step_key("model")
+    if micro_batches == 1:
+        return batch_gradients(loss_fn, state, batch, key, precision=precision)
+    micro = _split_batch(batch, micro_batches)  # leaves (M, B / M, ...)
+
+    def one_micro_batch(carry, inputs):
+        metric_sums, grad_sums, model_state = carry
+        index, micro_batch = inputs
+        metrics, model_state, grads = batch_gradients(
+            loss_fn,
+            state,
+            micro_batch,
+            jax.random.fold_in(key, index),
+            model_state=model_state,
+            precision=precision,
+        )
+        metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+        grad_sums = jax.tree.map(jnp.add, grad_sums, grads)
+        return (metric_sums, grad_sums, model_state), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(
+        lambda b: batch_gradients(loss_fn, state, b, key, precision=precision), first
+    )
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
+    (metric_sums, grad_sums, model_state), _ = jax.lax.scan(
+        one_micro_batch,
+        (*zeros, state.model_state),
+        (jnp.arange(micro_batches), micro),
+    )
+    metrics, grads = jax.tree.map(lambda total: total / micro_batches, (metric_sums, grad_sums))
+    return metrics, model_state, grads
+
+
+def keep_if_finite(
+    old: TrainState, new: TrainState, loss: jax.Array, grad_norm: jax.Array
+) -> tuple[TrainState, jax.Array]:
+    """`new`, or `old`'s weights when `loss` or `grad_norm` is not finite.
+
+    On a non-finite step the params, optimizer state, model state and EMA are `old`'s;
+    the step counter is `new`'s either way, so the next step draws fresh randomness.
+
+    Returns:
+      (the state, float32 1.0 if the update was skipped else 0.0).
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    fields = ("params", "opt_state", "model_state") + (("ema",) if new.ema is not None else ())
+    picked = jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o),
+        tuple(getattr(new, name) for name in fields),
+        tuple(getattr(old, name) for name in fields),
+    )
+    return new.replace(**dict(zip(fields, picked, strict=True))), 1.0 - finite.astype(jnp.float32)
+
+
 def make_train_step(
     loss_fn: LossFn,
     *,
@@ -82,12 +207,18 @@ def make_train_step(
 ) -> TrainStep:
     """Builds the pure training step.
 
+    One step is: augment the batch (`augment_fn`), compute metrics, model state and
+    gradients (`accumulated_gradients`, i.e. `batch_gradients` per micro-batch), apply
+    them (`TrainState.apply_gradients`: optimizer update, step + 1, and the EMA of the
+    parameters when the state keeps one), add the norm and lr metrics, and with
+    `skip_nonfinite` undo a non-finite update (`keep_if_finite`).
+
     Args:
       loss_fn: see the module docstring.
       lr_schedule: logged as metric "lr" (the value used at this step).
       augment_fn: `(key, batch) -> batch`, applied on device before the forward pass.
       skip_nonfinite: when the loss or gradient norm is not finite, leave params,
-        optimizer state and model state unchanged and count the step in metric
+        optimizer state, model state and EMA unchanged and count the step in metric
         "skipped_steps" instead of applying it.
       norm_metrics: report "grad_norm" and "param_norm". They cost two more passes over
         all parameters per step (together ~17% of a small MLP's step on CPU); turn off
@@ -111,7 +242,7 @@ def make_train_step(
       `train_step(state, batch) -> (state, metrics)`, pure; metrics are scalars:
       the batch means of `loss_fn`'s entries plus "grad_norm" and "param_norm" (if
       `norm_metrics`), "lr" (if a schedule is given) and "skipped_steps" (if
-      `skip_nonfinite`).
+      `skip_nonfinite`). A state created with `ema_decay` gets its EMA updated too.
       Not jitted here: the caller jits (or scans) it once, with donation.
       The function has attribute ``lr_schedule`` (`lr_schedule`, or None), so a
       caller can compare the run's length with the schedule's ``total_steps``.
@@ -125,77 +256,23 @@ def make_train_step(
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
 
-    def batch_gradients(state, model_state, batch, key):
-        """(metrics, new model_state, grads) of one (micro-)batch; grads in the params' dtype."""
-
-        def compute_loss(params):
-            # The casts are inside the differentiated function: gradients come back fp32.
-            model = state.replace(model_state=model_state).model(policy.cast_to_compute(params))
-            policy.adapt(model)
-            model.train()
-            reseed_all_streams(model, key)
-            per_example = loss_fn(model, policy.cast_to_compute(batch))
-            _check_loss_output(per_example)
-            means = {
-                name: jnp.mean(jnp.asarray(value, jnp.float32))
-                for name, value in per_example.items()
-            }
-            _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-            return means["loss"], (means, precision_lib.cast_like(new_model_state, model_state))
-
-        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-        (_, (metrics, new_model_state)), grads = grad_fn(state.params)
-        return metrics, new_model_state, grads
-
-    def accumulated_gradients(state, batch):
-        key = state.step_key("model")
-        if micro_batches == 1:
-            return batch_gradients(state, state.model_state, batch, key)
-        micro = _split_batch(batch, micro_batches)  # leaves (M, B / M, ...)
-
-        def one_micro_batch(carry, inputs):
-            metric_sums, grad_sums, model_state = carry
-            index, micro_batch = inputs
-            metrics, model_state, grads = batch_gradients(
-                state, model_state, micro_batch, jax.random.fold_in(key, index)
-            )
-            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
-            grad_sums = jax.tree.map(jnp.add, grad_sums, grads)
-            return (metric_sums, grad_sums, model_state), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(batch_gradients, state, state.model_state, first, key)
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
-        (metric_sums, grad_sums, model_state), _ = jax.lax.scan(
-            one_micro_batch,
-            (*zeros, state.model_state),
-            (jnp.arange(micro_batches), micro),
-        )
-        metrics, grads = jax.tree.map(lambda total: total / micro_batches, (metric_sums, grad_sums))
-        return metrics, model_state, grads
-
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if augment_fn is not None:
             batch = augment_fn(state.step_key("augment"), batch)
-        metrics, model_state, grads = accumulated_gradients(state, batch)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        metrics, model_state, grads = accumulated_gradients(
+            loss_fn, state, batch, micro_batches=micro_batches, precision=policy
+        )
+        new_state = state.apply_gradients(grads, model_state=model_state)
         if norm_metrics:
             metrics["grad_norm"] = optax.global_norm(grads)
-            metrics["param_norm"] = optax.global_norm(params)
+            metrics["param_norm"] = optax.global_norm(new_state.params)
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        new = (params, opt_state, model_state)
         if skip_nonfinite:
             grad_norm = metrics.get("grad_norm", optax.global_norm(grads))
-            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-            old = (state.params, state.opt_state, state.model_state)
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
-        params, opt_state, model_state = new
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
-        )
+            new_state, metrics["skipped_steps"] = keep_if_finite(
+                state, new_state, metrics["loss"], grad_norm
+            )
         return new_state, metrics
 
     train_step.lr_schedule = lr_schedule
@@ -203,19 +280,28 @@ def make_train_step(
 
 
 def make_eval_step(
-    loss_fn: LossFn, *, precision: str | precision_lib.Precision = "fp32"
+    loss_fn: LossFn,
+    *,
+    precision: str | precision_lib.Precision = "fp32",
+    use_ema: bool = False,
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Builds the pure eval step: `(state, batch) -> per-example metrics` in eval mode.
 
     Returns per-example values (shape (B,)) so that the caller can mask padding
     and average exactly over a whole eval set; see `jdl.loop.evaluate`. With
     `precision="bf16"` the model runs on bfloat16 parameters and inputs (as in
-    `make_train_step`); the returned values are float32.
+    `make_train_step`); the returned values are float32. With `use_ema=True` the model
+    runs on the state's EMA of the parameters (`TrainState.create(..., ema_decay=...)`)
+    and the state's own other variables (batch-norm statistics).
+
+    Raises:
+      jdl.state.EmaError: when traced, if `use_ema` and the state keeps no EMA.
     """
     policy = precision_lib.get_policy(precision)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        model = policy.adapt(state.model(policy.cast_to_compute(state.params)))
+        params = state.ema_params() if use_ema else state.params
+        model = policy.adapt(state.model(policy.cast_to_compute(params)))
         model.eval()
         per_example = loss_fn(model, policy.cast_to_compute(batch))
         _check_loss_output(per_example)
