@@ -362,7 +362,13 @@ class _ScopedCalls:
         self.active: list[int] = []
 
     def __enter__(self):
-        originals = {cls: cls.__call__ for cls in self.types}  # resolved before any patching
+        # Resolved before any patching; a class with no __call__ of its own or inherited (a
+        # container such as nnx.List) is skipped (cls.__call__ would be its metaclass's).
+        originals = {
+            cls: cls.__call__
+            for cls in self.types
+            if any("__call__" in base.__dict__ for base in cls.__mro__)
+        }
         for cls, original in originals.items():
             self.saved[cls] = cls.__dict__.get("__call__", _MISSING)
             cls.__call__ = self._wrap(original)
