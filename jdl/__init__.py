@@ -68,6 +68,8 @@ from jdl.parallel import (
 )
 from jdl.state import TrainState, count_params
 from jdl.steps import LossOutputError, classification_loss, make_eval_step, make_train_step
+from jdl.summary import Summary, SummaryInputError, summary
+from jdl.tensorboard import TensorBoardValueError
 
 __version__ = "0.1.0"
 
@@ -78,9 +80,9 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointWriteError",
-    "DataSetupMismatchError",
     "Checkpointer",
     "ConfigError",
+    "DataSetupMismatchError",
     "EmptyDataError",
     "FitResult",
     "Hook",
@@ -100,6 +102,9 @@ __all__ = [
     "ShardingError",
     "ShardingRules",
     "StreamingData",
+    "Summary",
+    "SummaryInputError",
+    "TensorBoardValueError",
     "TrainState",
     "UnknownMetricError",
     "UserError",
@@ -138,6 +143,7 @@ __all__ = [
     "predict",
     "read_metrics",
     "shard_state",
+    "summary",
     "techniques",
     "write_run_record",
 ]
