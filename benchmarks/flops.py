@@ -35,6 +35,9 @@ import numpy as np
 import torch
 from jax.extend import core as jex_core
 
+# One counting rule for jdl.summary and the benchmarks.
+from jdl.summary import _conv_flops, _dot_general_flops, _sub_jaxprs
+
 TRAINING_FLOPS_PER_FORWARD = 3
 
 
@@ -82,34 +85,6 @@ def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> int:
         else:  # jit, closed_call, remat, custom_jvp_call, custom_vjp_call, ...: once
             total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
     return total
-
-
-def _sub_jaxprs(params: dict[str, Any]) -> list[jex_core.Jaxpr]:
-    """The (open) jaxprs among an equation's parameters, e.g. a `jit`'s program."""
-    found = []
-    for value in params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if isinstance(item, jex_core.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, jex_core.Jaxpr):
-                found.append(item)
-    return found
-
-
-def _dot_general_flops(eqn: jex_core.JaxprEqn) -> int:
-    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-    lhs_shape = eqn.invars[0].aval.shape
-    contracted = math.prod(lhs_shape[d] for d in lhs_contracting)
-    return 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
-
-
-def _conv_flops(eqn: jex_core.JaxprEqn) -> int:
-    # rhs_spec lists the kernel's (output feature, input feature, *spatial) dimensions; the
-    # kernel's input-feature size is already in_channels / feature_group_count.
-    _, rhs_spec, _ = eqn.params["dimension_numbers"]
-    kernel_shape = eqn.invars[1].aval.shape
-    per_output = math.prod(kernel_shape[d] for d in rhs_spec[1:])
-    return 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
 
 
 # ----------------------------------------------------------------------------- peak
