@@ -183,3 +183,154 @@ def test_state_create_does_not_alias_the_model():
     # The donated state must not have invalidated the user's model arrays.
     assert np.isfinite(np.asarray(model.linear.kernel[...])).all()
     assert jdl.count_params(state.params) == 4
+
+
+class DropoutNet(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(6, 16, rngs=rngs)
+        self.dropout = nnx.Dropout(0.3, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.dropout(jax.nn.relu(self.hidden(x))))
+
+
+def _softmax_loss(model, batch):
+    logits = model(batch["x"]).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    return {"loss": loss, "accuracy": jnp.argmax(logits, -1) == batch["y"]}
+
+
+def _reference_step(state, batch, *, micro_batches):
+    """One bf16, micro-batched, non-finite-skipping step in plain jax/optax/nnx."""
+    to_bf16 = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+    def loss_of(params, model_state, micro_batch, key):
+        model = nnx.merge(state.graphdef, to_bf16(params), model_state, copy=True)
+        model.train()
+        nnx.reseed(model, dropout=jax.random.fold_in(key, 0))  # the model's one stream
+        values = _softmax_loss(model, to_bf16(micro_batch))
+        means = {name: jnp.mean(jnp.asarray(v, jnp.float32)) for name, v in values.items()}
+        return means["loss"], (means, nnx.split(model, nnx.Param, ...)[2])
+
+    key = state.step_key("model")
+    micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+
+    def one(carry, inputs):
+        metric_sums, grad_sums, model_state = carry
+        index, micro_batch = inputs
+        (_, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params, model_state, micro_batch, jax.random.fold_in(key, index)
+        )
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+        return (add(metric_sums, metrics), add(grad_sums, grads), model_state), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    metric_zeros = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
+    (metric_sums, grad_sums, model_state), _ = jax.lax.scan(
+        one,
+        (metric_zeros, zeros, state.model_state),
+        (jnp.arange(micro_batches), micro),
+    )
+    metrics = jax.tree.map(lambda s: s / micro_batches, metric_sums)
+    grads = jax.tree.map(lambda s: s / micro_batches, grad_sums)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(params)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        model_state=keep(model_state, state.model_state),
+    )
+    return new_state, metrics
+
+
+def _leaves(tree):
+    return [
+        np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for x in jax.tree.leaves(tree)
+    ]
+
+
+def test_named_parts_compose_to_a_plain_jax_reference_step_bitwise():
+    # The composed step (batch_gradients -> accumulated_gradients -> apply_gradients ->
+    # keep_if_finite) computes what a plain jax/optax step computes, bit for bit, over
+    # several steps with dropout, two micro-batches, bf16 and a skipped non-finite batch.
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=1e-2))
+    state = jdl.TrainState.create(DropoutNet(nnx.Rngs(0, dropout=1)), tx, seed=3)
+    streams = {
+        n.key.tag for _, n in nnx.graph.iter_graph(state.model()) if isinstance(n, nnx.RngStream)
+    }
+    assert streams == {"dropout"}  # the reference reseeds exactly these
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+            "y": jnp.asarray(rng.integers(0, 3, 8), jnp.int32),
+        }
+        for _ in range(5)
+    ]
+    batches[2]["x"] = batches[2]["x"].at[0, 0].set(jnp.nan)
+    step = jax.jit(
+        jdl.make_train_step(_softmax_loss, micro_batches=2, skip_nonfinite=True, precision="bf16")
+    )
+    reference = jax.jit(lambda s, b: _reference_step(s, b, micro_batches=2))
+    ours, theirs = state, state
+    for index, batch in enumerate(batches):
+        ours, our_metrics = step(ours, batch)
+        theirs, their_metrics = reference(theirs, batch)
+        assert float(our_metrics["skipped_steps"]) == (1.0 if index == 2 else 0.0)
+        assert our_metrics.keys() == their_metrics.keys()
+        for name in our_metrics:
+            np.testing.assert_array_equal(our_metrics[name], their_metrics[name], err_msg=name)
+        for a, b in zip(_leaves(ours), _leaves(theirs), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert int(ours.step) == 5
+    assert not np.array_equal(_leaves(ours.params)[0], _leaves(state.params)[0])
+
+
+def test_apply_gradients_is_an_optax_update_plus_one_step():
+    tx = optax.adam(0.1)
+    state = jdl.TrainState.create(LinearRegression(nnx.Rngs(0)), tx, seed=0)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    expected = optax.apply_updates(state.params, updates)
+    new = state.apply_gradients(grads)  # eagerly, as the expectation: the same roundings
+    assert int(new.step) == 1 and new.ema is None
+    for a, b in zip(
+        jax.tree.leaves((new.params, new.opt_state)),
+        jax.tree.leaves((expected, opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert new.model_state is state.model_state  # kept when none is given
+    replacement = jax.tree.map(lambda x: x, state.model_state)
+    assert state.apply_gradients(grads, model_state=replacement).model_state is replacement
+
+
+def test_batch_gradients_match_jax_grad_of_the_mean_loss():
+    state = jdl.TrainState.create(LinearRegression(nnx.Rngs(0)), optax.sgd(0.1), seed=0)
+    batch = {"x": jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]), "y": jnp.array([1.0, -2.0])}
+
+    def mean_loss(params):
+        return jnp.mean(mse_loss(state.model(params), batch)["loss"])
+
+    metrics, model_state, grads = jdl.steps.batch_gradients(
+        mse_loss, state, batch, jax.random.PRNGKey(0)
+    )
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(jax.grad(mean_loss)(state.params)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(mean_loss(state.params)), rel=1e-6)
+    whole = jdl.steps.accumulated_gradients(mse_loss, state, batch)
+    halves = jdl.steps.accumulated_gradients(mse_loss, state, batch, micro_batches=2)
+    for a, b in zip(jax.tree.leaves(whole[2]), jax.tree.leaves(halves[2]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
