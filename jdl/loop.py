@@ -31,7 +31,14 @@ from jdl import compiler, jsonio, parallel
 from jdl.checkpoint import Checkpointer, CheckpointWriteError, Restored
 from jdl.config import write_run_record
 from jdl.data.dataset import EmptyDataError, check_finite
-from jdl.data.pipeline import BatchSampler, InMemoryData, StreamingData, check_labels
+from jdl.data.pipeline import (
+    DataProgram,
+    InMemoryData,
+    StreamingData,
+    TrainData,
+    check_labels,
+    check_train_data,
+)
 from jdl.errors import UserError
 from jdl.hooks import Hook, HookContext, Profile
 from jdl.lock import WorkdirLock
@@ -387,25 +394,26 @@ def fit(
 
 def make_chunk_runner(
     train_step: TrainStep,
-    data: InMemoryData | BatchSampler | StreamingData,
+    data: TrainData,
     length: int,
     unroll: int | bool = True,
     shardings: parallel.ChunkShardings | None = None,
 ) -> Callable:
-    """Compiles `length` train steps into one program: `(state, arrays, stop) -> (state, metrics)`.
+    """Compiles `length` train steps into one program: `(state, inputs, stop) -> (state, metrics)`.
+
+    `data` is any `jdl.TrainData`; the program is called as `run_chunk(state,
+    data.chunk_inputs(count, length), stop)`: for `InMemoryData` the inputs are the stored
+    arrays, for `StreamingData` the chunk's `length` batches. Before the loop the program
+    computes every step's inputs (`data.program.step_inputs`: the example indices, or the
+    stacked batches); step i trains on `data.program.step_batch(inputs, xs[i])`.
 
     Steps at or past `stop` leave the state unchanged, so one program serves every
     chunk, including those cut short by a log or eval boundary. With an integer
     `unroll` < `length` the program is a rolled `while` loop (blocks of `unroll` steps)
     that runs only the steps before `stop`; written out in full, every step runs and
-    the updates of those past `stop` are discarded with a select. Either way the example
-    indices of the whole chunk are computed before the loop. Returned metrics are
+    the updates of those past `stop` are discarded with a select. Returned metrics are
     stacked per step, shape (length,), zero where skipped. The state argument is
-    donated.
-
-    For a `StreamingData` the program is `(state, batches, stop)` instead, with
-    `batches` the tuple of `length` batches from `data.chunk_inputs`; both kinds are
-    called as `run_chunk(state, data.chunk_inputs(count, length), stop)`.
+    donated; the data argument is not (a short host-fed chunk repeats its last batch).
 
     `unroll=True` (the default) writes the steps out as straight-line code. On XLA:CPU a
     convolution inside a loop or conditional body runs one to two orders of magnitude
@@ -414,25 +422,26 @@ def make_chunk_runner(
     convolutions (or with `CNN(cpu_kernels=True)`), where it compiles faster and skips
     the select.
 
-    The jitted program is cached per (train_step, sampler, length, unroll, shardings), so
-    calling `fit` again with the same step function and data set-up does not trace or
-    compile again. The cache holds no arrays and lets go when `train_step` is garbage
-    collected. `shardings` (a `jdl.parallel.ChunkShardings`, from `fit`'s mesh) pins the
-    batches to the mesh's batch axes and the state to its input layout; None: one device.
+    The jitted program is cached per (train_step, data.program, length, loop form,
+    shardings), so calling `fit` again with the same step function and data set-up does
+    not trace or compile again. The cache holds no arrays (a program is array-free) and
+    lets go when `train_step` is garbage collected. `shardings` (a
+    `jdl.parallel.ChunkShardings`, from `fit`'s mesh) pins the batches to the mesh's batch
+    axes and the state to its input layout; None: one device.
+
+    Raises:
+      jdl.data.pipeline.TrainDataError: `data` is not a `TrainData`, or its program is
+        not hashable.
     """
-    streaming = isinstance(data, StreamingData)
-    sampler = data.sampler if isinstance(data, InMemoryData) else data
-    key = ("streaming" if streaming else sampler, length, unroll, shardings)
-    if streaming:
-        return _cached_on(
-            train_step,
-            key,
-            lambda: _build_streaming_chunk_runner(train_step, length, unroll, shardings),
-        )
+    program = check_train_data(data).program
+    written_out = unroll is True or unroll >= length
+    # `True == 1` in Python: a key holding `unroll` itself would hand a rolled request the
+    # written-out program (or the reverse).
+    form = "written out" if written_out else ("rolled", int(unroll))
     return _cached_on(
         train_step,
-        key,
-        lambda: _build_chunk_runner(train_step, sampler, length, unroll, shardings),
+        (program, length, form, shardings),
+        lambda: _build_chunk_program(train_step, program, length, unroll, shardings),
     )
 
 
@@ -458,75 +467,28 @@ def _cached_on(fn: Callable, key, build: Callable[[], Callable]) -> Callable:
 _CACHE_ATTRIBUTE = "_jdl_chunk_runners"
 
 
-def _build_chunk_runner(
-    train_step: TrainStep,
-    data: BatchSampler,
-    length: int,
-    unroll: int | bool,
-    shardings: parallel.ChunkShardings | None = None,
-) -> Callable:
-    """`(state, arrays, stop) -> (state, metrics)` for batches drawn on the device.
-
-    Every step's example indices are computed before the loop (`chunk_indices`), so the
-    loop body only gathers its rows: no reshuffle conditional, no permutation carried.
-    """
-    return _build_chunk_program(
-        train_step,
-        length,
-        unroll,
-        shardings,
-        steps_inputs=lambda state, arrays: data.chunk_indices(state.step, length),
-        batch_of=data.take_batch,
-    )
-
-
-def _build_streaming_chunk_runner(
-    train_step: TrainStep,
-    length: int,
-    unroll: int | bool,
-    shardings: parallel.ChunkShardings | None = None,
-) -> Callable:
-    """`(state, batches, stop) -> (state, metrics)` for batches fed from the host.
-
-    `batches` is a tuple of `length` batch dicts (`StreamingData.chunk_inputs`); step i
-    trains on `batches[i]`. Like `_build_chunk_runner`: steps at or past `stop` change
-    nothing, metrics are stacked per step, the state is donated, and one compile serves
-    every chunk. The batches are not donated: a short chunk repeats its last batch.
-    """
-    return _build_chunk_program(
-        train_step,
-        length,
-        unroll,
-        shardings,
-        steps_inputs=lambda state, batches: jax.tree.map(
-            lambda *values: jnp.stack(values), *batches
-        ),
-        batch_of=lambda batches, batch: batch,
-    )
-
-
 def _build_chunk_program(
     train_step: TrainStep,
+    program: DataProgram,
     length: int,
     unroll: int | bool,
     shardings: parallel.ChunkShardings | None,
-    *,
-    steps_inputs: Callable,
-    batch_of: Callable,
 ) -> Callable:
-    """The jitted, state-donating `(state, data, stop) -> (state, metrics)` of a chunk.
+    """The jitted, state-donating `(state, inputs, stop) -> (state, metrics)` of a chunk.
 
-    `steps_inputs(state, data)` gives the per-step inputs, leading axis `length`, before
-    the loop; `batch_of(data, inputs[i])` is step i's batch.
+    `program.step_inputs(state.step, inputs, length)` gives the per-step inputs, leading
+    axis `length`, before the loop (so a loop body only gathers its row: no reshuffle
+    conditional, no permutation carried); `program.step_batch(inputs, xs[i])` is step i's
+    batch.
     """
     keep_state, keep_batch, keep_scalars = _keepers(shardings)
 
-    def run_chunk(state: TrainState, data, stop):
+    def run_chunk(state: TrainState, inputs, stop):
         def one_step(state, step_input):
-            state, metrics = train_step(state, keep_batch(batch_of(data, step_input)))
+            state, metrics = train_step(state, keep_batch(program.step_batch(inputs, step_input)))
             return keep_state(state), metrics
 
-        xs = steps_inputs(state, data)
+        xs = program.step_inputs(state.step, inputs, length)
         state, metrics = _run_steps(one_step, state, xs, stop, length, unroll)
         return keep_state(state), keep_scalars(metrics)  # a loop body's constraint ends inside
 

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdl.checkpoint import path_name
-from jdl.data.pipeline import StreamingData
+from jdl.data.pipeline import MeshPlacement, check_train_data
 from jdl.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
@@ -465,17 +465,20 @@ def place_for_fit(
 ) -> tuple[Any, ChunkShardings | None]:
     """What `fit` does before training: place the state and the data, pick the layout.
 
-    With `mesh`, the state is placed by `rules` (`shard_state`); the arrays of a data set
-    held on the device (`train_data.arrays`: `InMemoryData`, `RandomWindows`) are placed
-    by `place_data`, in place; a `StreamingData` without a `sharding` of its own gets the
-    mesh's batch sharding, so its batches arrive split over the batch axes.
-    Without, a state that is already on a multi-device mesh keeps its placement. The
-    returned `ChunkShardings` (None on a single device) is what the chunk program keeps.
+    With `mesh`, the state is placed by `rules` (`shard_state`) and the data places
+    itself (`TrainData.place_on_mesh`, given the mesh's batch sharding and `place_data`):
+    arrays held on the device (`InMemoryData`, `RandomWindows`) are replicated, host-fed
+    data (`StreamingData`, `IterableData`) without a `sharding` of its own sends its
+    batches split over the batch axes. Without, a state that is already on a multi-device
+    mesh keeps its placement. The returned `ChunkShardings` (None on a single device) is
+    what the chunk program keeps.
 
     Raises:
+      jdl.data.pipeline.TrainDataError: `train_data` is not a `jdl.TrainData`.
       ShardingError: the batch size does not split over the mesh's batch axes (checked
         before anything compiles), or a sharding rule does not fit.
     """
+    check_train_data(train_data)
     placed = mesh is None
     mesh = mesh_of(state) if mesh is None else mesh
     if mesh is None:
@@ -483,9 +486,7 @@ def place_for_fit(
     check_batch_size(train_data.batch_size, mesh)
     if not placed:
         state = shard_state(state, mesh, rules)
-    if isinstance(train_data, StreamingData):
-        if train_data.sharding is None:
-            train_data.sharding = batch_sharding(mesh)
-    else:
-        train_data.arrays = place_data(train_data.arrays, mesh)
+    train_data.place_on_mesh(
+        MeshPlacement(mesh, batch_sharding(mesh), lambda arrays: place_data(arrays, mesh))
+    )
     return state, ChunkShardings.of(state, mesh)

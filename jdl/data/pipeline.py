@@ -1,4 +1,11 @@
-"""Feeding batches to the training loop.
+"""Feeding batches to the training loop: the `TrainData` protocol and its implementations.
+
+`fit` meets its training data through one protocol, `TrainData` (below): a batch size,
+the data argument of each compiled chunk (`chunk_inputs`), a hashable, array-free
+`program` that turns that argument into each step's batch inside the compiled chunk,
+the data position saved with checkpoints, and where the data goes on a device mesh. Any
+object with these members trains with `fit` and resumes exactly; nothing in jdl checks
+its class.
 
 `InMemoryData` is the fast path for datasets that fit on the device: the
 arrays are put on the device once, and batches are drawn *inside* the jitted
@@ -13,19 +20,21 @@ batching) whose batches a background thread puts on the device ahead of the
 compute. `fit` feeds them to the chunk program as inputs, and the grain
 iterator's state is saved with every checkpoint.
 
-Both classes offer `fit` the same interface: `batch_size`, `steps_per_epoch`,
-`chunk_inputs(count, length)` (the data argument of one chunk program),
-`data_state(step)`, `restore_data_state(saved)` and `close()`.
+`IterableData` feeds the batches of any Python iterator (a generator, a Hugging Face
+dataset's `iter`) the same way; it resumes by re-creating the iterator and skipping the
+batches already trained on.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +56,221 @@ class DataSetupMismatchError(UserError, ValueError):
 
 class LabelRangeError(UserError, ValueError):
     """Integer class labels outside [0, num_classes)."""
+
+
+class TrainDataError(UserError, TypeError):
+    """An object passed as training data does not implement `TrainData`."""
+
+
+class IterableDataError(UserError, ValueError):
+    """An `IterableData` iterator gave a batch of the wrong form, or ran out of batches."""
+
+
+@runtime_checkable
+class DataProgram(Protocol):
+    """The traced part of a `TrainData`: how a chunk program turns its data argument into batches.
+
+    Both methods run inside the jitted chunk program (`jdl.make_chunk_runner`), traced once
+    per program and per shape of the data argument. The object must be hashable and hold no
+    arrays: compiled chunk programs are cached on it, so two data objects with equal programs
+    share one compile (two `InMemoryData` of the same size, batch size and seed do), and the
+    cache keeps no data alive. Hence both methods may depend only on their arguments and on
+    the fields that make up the program's equality, never on arrays held elsewhere (a frozen
+    dataclass of plain settings is the natural form; see `BatchSampler`, `HostBatches`).
+    """
+
+    def step_inputs(self, first_step: jax.Array, inputs: Any, length: int) -> Any:
+        """The per-step inputs of a chunk of `length` steps, computed once before its loop.
+
+        Args:
+          first_step: int32 scalar (traced), the global step of the chunk's first step.
+          inputs: the chunk's data argument, `TrainData.chunk_inputs(count, length)`.
+          length: the chunk length (static).
+
+        Returns:
+          A pytree whose every leaf has leading axis `length`; row i belongs to step
+          `first_step + i`. Rows at and past the chunk's `count` may hold anything valid:
+          their steps are not trained on.
+        """
+        ...
+
+    def step_batch(self, inputs: Any, step_input: Any) -> Mapping[str, jax.Array]:
+        """The batch of one step (traced): from the chunk's data argument and that step's row
+        of `step_inputs`. Every leaf has leading axis `batch_size` (the global batch)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MeshPlacement:
+    """Where data goes on a device mesh; `jdl.parallel.place_for_fit` builds it for `fit`.
+
+    Attributes:
+      mesh: the device mesh.
+      batch_sharding: the sharding of one global batch, its rows split over the mesh's
+        batch axes: where host batches are put (`jax.device_put`, or
+        `jax.make_array_from_process_local_data` with several processes).
+      place_arrays: `{name: array} -> {name: jax.Array}`, a data set's arrays placed on
+        the mesh for gathering inside the compiled program (replicated; global arrays of
+        a multi-process run stay as they are).
+    """
+
+    mesh: jax.sharding.Mesh
+    batch_sharding: jax.sharding.Sharding
+    place_arrays: Callable[[Mapping[str, Any]], dict[str, jax.Array]]
+
+
+@runtime_checkable
+class TrainData(Protocol):
+    """What `jdl.fit` needs from its training data. Implemented by `InMemoryData`,
+    `StreamingData`, `IterableData` and `jdl.data.RandomWindows`; a user's own class that
+    has these members is just as welcome (no base class, `isinstance(obj, TrainData)`
+    checks the members).
+
+    How `fit` uses it, per chunk of at most `length` (`steps_per_dispatch`) steps:
+
+    1. Host side, before the chunk: `inputs = data.chunk_inputs(count, length)`, where
+       `count` (1 <= count <= length) is the number of steps the chunk trains. The result
+       is the chunk program's data argument, a pytree of arrays whose shapes and dtypes are
+       the same for every chunk (else the program compiles again): e.g. the device arrays
+       of the whole set, or `length` host batches already put on the device. A source fed
+       from the host advances its position by exactly `count` batches.
+    2. Traced, inside the one compiled program: `xs = data.program.step_inputs(first_step,
+       inputs, length)` before the loop, then `data.program.step_batch(inputs, xs[i])` is
+       the batch of step `first_step + i` (see `DataProgram`). Steps at and past `count` do
+       not train.
+    3. Host side, at checkpoints: `data.data_state(step)`, the JSON-able position after
+       `step` steps (the chunk inputs of those steps have been taken). It also records the
+       set-up facts that fix the batches (seed, sizes, batch size, ...).
+    4. Host side, on resume, before any chunk: `data.restore_data_state(saved)` raises
+       `DataSetupMismatchError` when `saved` was written with another set-up (use
+       `check_same_setup`) and otherwise sets the position, so the next `chunk_inputs`
+       continues where `data_state` left off.
+    5. `data.close()` at the end of `fit`, also after an error: stops background work. The
+       object must stay usable: a later `fit` call goes on from the position reached.
+
+    Determinism needed for an exact resume: the batch of global step s depends only on the
+    set-up and s (not on how the run was cut into chunks, on timing or on threads), and a
+    fresh object of the same set-up, given `restore_data_state(data_state(s))`, yields the
+    batches of steps s, s + 1, ... that the uninterrupted run trained on.
+
+    Attributes:
+      batch_size: the global batch size (all processes together); the leading axis of
+        every batch.
+      program: the traced part, a hashable, array-free `DataProgram`; compiled programs
+        are cached on it.
+    """
+
+    batch_size: int
+    program: DataProgram
+
+    def chunk_inputs(self, count: int, length: int) -> Any:
+        """The data argument of the next chunk program (host side; see the class)."""
+        ...
+
+    def data_state(self, step: int) -> dict:
+        """The JSON-able data position after `step` steps, with the set-up facts."""
+        ...
+
+    def restore_data_state(self, data_state: Mapping[str, Any]) -> None:
+        """Checks that `data_state` comes from the same set-up, then moves to its position."""
+        ...
+
+    def place_on_mesh(self, placement: MeshPlacement) -> None:
+        """Puts the data on `placement.mesh` before training (`fit` with a mesh): arrays
+        gathered inside the program via `placement.place_arrays`, host batches sent with
+        `placement.batch_sharding` unless the data has a sharding of its own."""
+        ...
+
+    def close(self) -> None:
+        """Stops background work (prefetch threads); the object stays usable."""
+        ...
+
+
+# What `check_train_data` asks for, in the order its message names the missing ones.
+_TRAIN_DATA_MEMBERS = (
+    "batch_size",
+    "program",
+    "chunk_inputs",
+    "data_state",
+    "restore_data_state",
+    "place_on_mesh",
+    "close",
+)
+
+
+def check_train_data(data: Any) -> TrainData:
+    """Returns `data` if it implements `TrainData` with a hashable program, else raises.
+
+    Raises:
+      TrainDataError: (a TypeError) naming the missing members, or the unhashable program.
+    """
+    missing = [name for name in _TRAIN_DATA_MEMBERS if not hasattr(data, name)]
+    if missing:
+        raise TrainDataError(
+            f"train_data of type {type(data).__name__} is not a jdl.TrainData: it lacks "
+            f"{', '.join(missing)}; use jdl.InMemoryData, jdl.StreamingData, "
+            "jdl.IterableData or implement the protocol (docs/concepts/data.md)"
+        )
+    try:
+        hash(data.program)
+    except TypeError:
+        raise TrainDataError(
+            f"{type(data).__name__}.program (a {type(data.program).__name__}) is not "
+            "hashable; compiled programs are cached on it: make it a frozen dataclass of "
+            "the settings its traced batches depend on"
+        ) from None
+    return data
+
+
+def check_same_setup(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], *, keys: Sequence[str]
+) -> None:
+    """Raises unless a checkpoint's data position was written with this data set-up.
+
+    Compares `saved[key]` with `expected[key]` for each of `keys`, in order, after a JSON
+    round trip of both (a checkpoint's tuples come back as lists). Put "kind" first when
+    both record one: a position of another kind of data is named as such.
+
+    Args:
+      saved: the checkpoint's data position (`Restored.data_state`).
+      expected: this run's (typically `data.data_state(0)`).
+      keys: the set-up facts that fix the batches (seed, sizes, batch size, ...).
+
+    Raises:
+      DataSetupMismatchError: (a ValueError) naming the first key that differs or that
+        the checkpoint does not record, with both values.
+    """
+    for key in keys:
+        want = _json_normal(expected[key])
+        if key not in saved:
+            raise DataSetupMismatchError(
+                f"the checkpoint's data position records no {key} (this run uses {want!r}); "
+                "it was written with another data set-up: use it or a new workdir"
+            )
+        got = _json_normal(saved[key])
+        if got == want:
+            continue
+        if key == "kind":
+            raise DataSetupMismatchError(
+                f"the checkpoint's data position is of kind {got!r}, but this run's data is "
+                f"of kind {want!r}; resuming would not see the same batches. Use the original "
+                "data set-up or a new workdir."
+            )
+        raise DataSetupMismatchError(
+            f"the checkpoint was written with data {key}={got!r}, but this run uses "
+            f"{want!r}; resuming would not see the same batches. Use the original settings "
+            "or a new workdir."
+        )
+
+
+def _json_normal(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_scalar))
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
 
 
 def check_labels(labels: np.ndarray | jax.Array, num_classes: int, *, where: str) -> None:
@@ -104,7 +328,9 @@ class BatchSampler:
     """Which examples make the batch of each step: the array-free part of `InMemoryData`.
 
     Hashable and small, so compiled programs can be cached on it (two datasets with the
-    same sampler draw their batches the same way; only the arrays passed in differ).
+    same sampler draw their batches the same way; only the arrays passed in differ). It is
+    `InMemoryData.program` (a `DataProgram`): a chunk's data argument is the stored arrays,
+    its per-step inputs the example indices of each step (`chunk_indices`).
     """
 
     seed: int
@@ -161,12 +387,22 @@ class BatchSampler:
         """The batch of the examples at `indices` (one row of `chunk_indices`). Traceable."""
         return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
 
+    def step_inputs(self, first_step: jax.Array, arrays: Mapping[str, jax.Array], length: int):
+        """`DataProgram.step_inputs`: the chunk's example indices (`chunk_indices`)."""
+        del arrays
+        return self.chunk_indices(first_step, length)
+
+    def step_batch(self, arrays: Mapping[str, jax.Array], indices: jax.Array):
+        """`DataProgram.step_batch`: the examples at one step's `indices` (`take_batch`)."""
+        return self.take_batch(arrays, indices)
+
 
 class InMemoryData:
-    """A dataset held on the device, shuffled every epoch inside jit.
+    """A dataset held on the device, shuffled every epoch inside jit (a `TrainData`).
 
     Each epoch is a new permutation of all examples; the last incomplete batch
-    of an epoch is dropped, so every batch has `batch_size` examples.
+    of an epoch is dropped, so every batch has `batch_size` examples. The chunk
+    program's data argument is the stored arrays; its `program` is the `BatchSampler`.
 
     Args:
       arrays: {"x": (N, ...), "y": (N,)} host or device arrays.
@@ -226,6 +462,11 @@ class InMemoryData:
         """The batch for global `step`, given the current epoch's `order`. Traceable."""
         return self.sampler.batch_at(arrays, order, step)
 
+    @property
+    def program(self) -> BatchSampler:
+        """The traced part (`TrainData.program`): the array-free sampler."""
+        return self.sampler
+
     def data_state(self, step: int) -> dict:
         """The JSON-able position in the data after `step` steps (saved in checkpoints)."""
         return {
@@ -237,35 +478,68 @@ class InMemoryData:
             "batch_size": self.batch_size,
         }
 
-    def check_data_state(self, data_state: dict) -> None:
-        """Raises if a checkpoint's data position was made with another data set-up."""
-        for key in ("seed", "num_examples", "batch_size"):
-            if key in data_state and data_state[key] != getattr(self, key):
-                raise DataSetupMismatchError(
-                    f"the checkpoint was written with data {key}={data_state[key]}, but this "
-                    f"run uses {getattr(self, key)}; resuming would not see the same batches. "
-                    "Use the original settings or a new workdir."
-                )
+    def restore_data_state(self, data_state: Mapping[str, Any]) -> None:
+        """Checks a checkpoint's data set-up; the position itself follows from the step.
 
-    def restore_data_state(self, data_state: dict) -> None:
-        """Checks a checkpoint's data position; the position itself follows from the step."""
-        self.check_data_state(data_state)
+        Raises:
+          DataSetupMismatchError: another kind of data, seed, size or batch size.
+        """
+        check_same_setup(
+            data_state,
+            self.data_state(0),
+            keys=("kind", "seed", "num_examples", "batch_size"),
+        )
 
     def chunk_inputs(self, count: int, length: int) -> Mapping[str, jax.Array]:
         """The data argument of a chunk program: the stored arrays (batches are drawn inside)."""
         del count, length
         return self.arrays
 
+    def place_on_mesh(self, placement: MeshPlacement) -> None:
+        """Places the stored arrays on the mesh (replicated; global arrays stay)."""
+        self.arrays = placement.place_arrays(self.arrays)
+
     def close(self) -> None:
-        """Nothing to release (kept for the interface `fit` uses)."""
+        """Nothing to release (part of `TrainData`)."""
 
 
 Example = dict[str, np.ndarray]
 Transform = Callable[[Example, np.random.Generator], Example]
 
 
+@dataclass(frozen=True)
+class HostBatches:
+    """The `DataProgram` of data fed from the host (`StreamingData`, `IterableData`).
+
+    A chunk's data argument is a tuple of `length` batches already on the device (from
+    `chunk_inputs`); step i trains on batch i. All instances are equal, so every host-fed
+    data set of the same batch shapes shares one compiled program.
+    """
+
+    def step_inputs(self, first_step: jax.Array, batches: Sequence[Any], length: int):
+        """The chunk's batches stacked on a new leading axis of size `length`."""
+        del first_step, length
+        return jax.tree.map(lambda *values: jnp.stack(values), *batches)
+
+    def step_batch(self, batches: Sequence[Any], batch: Any):
+        """One step's batch: its row of the stack, as it is."""
+        del batches
+        return batch
+
+
+def _padded_chunk(next_batch: Callable[[], tuple[Any, Any]], count: int, length: int) -> tuple:
+    """The next `count` batches from `next_batch`, padded to `length` with the last one."""
+    if not 1 <= count <= length:
+        raise ValueError(f"count must be in [1, {length}], got {count}")
+    batches = [next_batch()[0] for _ in range(count)]
+    return tuple(batches + [batches[-1]] * (length - count))
+
+
 class StreamingData:
     """A dataset streamed from the host through a grain pipeline, prefetched to the device.
+
+    A `TrainData` whose chunk program takes the chunk's batches as its data argument
+    (`program` is `HostBatches`).
 
     For data that does not fit on the device. Each process reads its own shard
     (examples `process_index::process_count`, after cutting the set to a multiple of
@@ -306,6 +580,7 @@ class StreamingData:
     """
 
     kind = "streaming"
+    program = HostBatches()
 
     def __init__(
         self,
@@ -383,10 +658,7 @@ class StreamingData:
         The chunk program skips the steps past its stop step, so the padding is never
         trained on and the stream advances by exactly `count` batches.
         """
-        if not 1 <= count <= length:
-            raise ValueError(f"count must be in [1, {length}], got {count}")
-        batches = [self.next_batch()[0] for _ in range(count)]
-        return tuple(batches + [batches[-1]] * (length - count))
+        return _padded_chunk(self.next_batch, count, length)
 
     def data_state(self, step: int) -> dict:
         """The JSON-able stream position after the batches handed out so far."""
@@ -400,28 +672,26 @@ class StreamingData:
             "process_count": self.process_count,
         }
 
-    def check_data_state(self, data_state: dict) -> None:
-        """Raises if a checkpoint's data position was made with another data set-up."""
-        if data_state.get("kind") != self.kind:
-            raise DataSetupMismatchError(
-                f"the checkpoint's data position is of kind {data_state.get('kind')!r}, but "
-                f"this run streams its data ({self.kind!r}); use the original data set-up or "
-                "a new workdir"
-            )
-        for key in ("seed", "num_examples", "batch_size", "process_count"):
-            if data_state.get(key) != getattr(self, key):
-                raise DataSetupMismatchError(
-                    f"the checkpoint was written with data {key}={data_state.get(key)}, but "
-                    f"this run uses {getattr(self, key)}; resuming would not see the same "
-                    "batches. Use the original settings or a new workdir."
-                )
+    def restore_data_state(self, data_state: Mapping[str, Any]) -> None:
+        """Moves the stream to a checkpoint's position (see `data_state`).
 
-    def restore_data_state(self, data_state: dict) -> None:
-        """Moves the stream to a checkpoint's position (see `data_state`)."""
-        self.check_data_state(data_state)
+        Raises:
+          DataSetupMismatchError: another kind of data, seed, size, batch size or
+            process count.
+        """
+        check_same_setup(
+            data_state,
+            self.data_state(0),
+            keys=("kind", "seed", "num_examples", "batch_size", "process_count"),
+        )
         self.close()
         self._iterator.set_state(data_state["iterator"])
         self._position = self._iterator.get_state()
+
+    def place_on_mesh(self, placement: MeshPlacement) -> None:
+        """Sends batches split over the mesh's batch axes, unless `sharding` was given."""
+        if self.sharding is None:
+            self.sharding = placement.batch_sharding
 
     def close(self) -> None:
         """Stops the prefetch thread and rewinds the stream to the last batch handed out.
@@ -437,6 +707,227 @@ class StreamingData:
         prefetcher = getattr(self, "_prefetcher", None)
         if prefetcher is not None:
             prefetcher.close()
+
+
+class IterableData:
+    """Batches from a Python iterator, fed to the device like `StreamingData` (a `TrainData`).
+
+    For a source jdl has no class for: a generator, a Hugging Face dataset
+    (`lambda: dataset.with_format("numpy").iter(batch_size, drop_last_batch=True)`), a
+    reader of one's own files. `make_iterator()` returns an iterator of batches, each a
+    dict {name: array} of `batch_size // process_count` rows (this process's share of the
+    global batch); every batch has the first one's names, shapes and dtypes. A background
+    thread checks each batch (rows, layout, finite values), puts it on the device and keeps
+    `prefetch` of them ready while the device computes. The chunk program's data argument
+    is the chunk's batches (`program` is `HostBatches`), as for `StreamingData`.
+
+    Resume: the position is the number of batches handed to `fit`. A resumed run calls
+    `make_iterator()` again and skips that many batches (read on the host, never sent to
+    the device). An exact resume therefore needs `make_iterator()` to yield the same
+    batches in the same order on every call: seed every shuffle and augmentation (and
+    record the seed in `setup`); draw nothing from the clock or global random state. The
+    iterator must yield a batch for every step of the run (loop over the epochs inside
+    it); one that ends early stops the run with `IterableDataError`.
+
+    Args:
+      make_iterator: `() -> Iterator[{name: array}]`, called lazily: at the first batch,
+        and again at the first batch after `restore_data_state`.
+      batch_size: global batch size (all processes together); a multiple of
+        `process_count`.
+      setup: JSON-able facts that fix the batches (dataset name, seed, ...): saved with
+        every checkpoint and compared on resume, so that a resume with another set-up
+        raises `DataSetupMismatchError` instead of training on other batches.
+      prefetch: how many batches wait on the device.
+      sharding: where batches go (`jax.device_put` target); with several processes, a
+        sharding of the global batch (`fit` with a mesh sets it).
+      process_count: how many processes share the data (default: JAX's); each one's
+        iterator yields its own rows.
+
+    Raises:
+      BatchSizeError: (a ValueError) the batch does not split over the processes.
+      IterableDataError: (a ValueError) `make_iterator` is not callable, `setup` is not a
+        JSON-able dict, or `prefetch` < 1.
+    """
+
+    kind = "iterable"
+    program = HostBatches()
+
+    def __init__(
+        self,
+        make_iterator: Callable[[], Iterator[Mapping[str, Any]]],
+        *,
+        batch_size: int,
+        setup: Mapping[str, Any] | None = None,
+        prefetch: int = 2,
+        sharding: jax.sharding.Sharding | None = None,
+        process_count: int | None = None,
+    ):
+        if not callable(make_iterator):
+            raise IterableDataError(
+                f"make_iterator must be a function that returns a new iterator of batches "
+                f"(e.g. lambda: iter(batches)), got a {type(make_iterator).__name__}"
+            )
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if batch_size < 1 or batch_size % self.process_count:
+            raise BatchSizeError(
+                f"batch_size {batch_size} must be >= 1 and a multiple of the process count "
+                f"{self.process_count}"
+            )
+        if prefetch < 1:
+            raise IterableDataError(f"prefetch must be >= 1, got {prefetch}")
+        try:
+            self.setup = _json_normal(dict(setup or {}))
+        except (TypeError, ValueError):
+            raise IterableDataError(
+                f"setup must be a dict of JSON values (numbers, strings, lists, dicts), got "
+                f"{setup!r}"
+            ) from None
+        self.batch_size, self.sharding = batch_size, sharding
+        self.local_batch_size = batch_size // self.process_count
+        self._make_iterator = make_iterator
+        self._prefetch = prefetch
+        self._reader: _BatchReader | None = None  # made at the first batch
+        self._position = 0  # batches handed out
+        self._pending: collections.deque = collections.deque()  # read, then `close`d
+        self._prefetcher: _DevicePrefetcher | None = None
+
+    def next_batch(self) -> tuple[dict[str, jax.Array], int]:
+        """The next batch on the device and the number of batches handed out after it."""
+        if self._pending:
+            batch, self._position = _unpack(self._pending.popleft())
+            return batch, self._position
+        if self._prefetcher is None:
+            if self._reader is None:
+                self._reader = _BatchReader(
+                    self._make_iterator(), rows=self.local_batch_size, skip=self._position
+                )
+            to_device = functools.partial(_to_device, self.sharding, self.process_count > 1)
+            self._prefetcher = _DevicePrefetcher(self._reader, to_device, self._prefetch)
+        batch, self._position = self._prefetcher.get()
+        return batch, self._position
+
+    def chunk_inputs(self, count: int, length: int) -> tuple[dict[str, jax.Array], ...]:
+        """The next `count` batches, padded to `length` by repeating the last one (the
+        padding is never trained on; the position advances by exactly `count`)."""
+        return _padded_chunk(self.next_batch, count, length)
+
+    def data_state(self, step: int) -> dict:
+        """The JSON-able position (batches handed out so far) and the set-up."""
+        return {
+            "kind": self.kind,
+            "step": int(step),
+            "batches": self._position,
+            "batch_size": self.batch_size,
+            "process_count": self.process_count,
+            "setup": self.setup,
+        }
+
+    def restore_data_state(self, data_state: Mapping[str, Any]) -> None:
+        """Checks the set-up; the next batch comes from a new iterator, past the
+        `data_state["batches"]` batches already trained on.
+
+        Raises:
+          DataSetupMismatchError: another kind of data, batch size, process count or setup.
+        """
+        check_same_setup(
+            data_state,
+            self.data_state(0),
+            keys=("kind", "batch_size", "process_count", "setup"),
+        )
+        self.close()
+        self._pending.clear()
+        self._reader = None
+        self._position = int(data_state["batches"])
+
+    def place_on_mesh(self, placement: MeshPlacement) -> None:
+        """Sends batches split over the mesh's batch axes, unless `sharding` was given."""
+        if self.sharding is None:
+            self.sharding = placement.batch_sharding
+
+    def close(self) -> None:
+        """Stops the prefetch thread. The batches it read ahead are kept (on the device)
+        and handed out first by the next `fit`, so nothing is read twice or lost."""
+        if self._prefetcher is not None:
+            self._pending.extend(self._prefetcher.close())
+            self._prefetcher = None
+
+    def __del__(self):
+        prefetcher = getattr(self, "_prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close()
+
+
+class _BatchReader:
+    """A user's iterator of host batches, checked batch by batch and counted.
+
+    `get_state()` is the number of batches read (those skipped at the start included), the
+    position `IterableData` saves. Runs in the prefetch thread, so its errors reach `fit`
+    through `_unpack`.
+    """
+
+    def __init__(self, iterator: Iterator[Mapping[str, Any]], *, rows: int, skip: int):
+        self._iterator = iter(iterator)
+        self.rows = rows
+        self._layout: dict | None = None
+        for skipped in range(skip):  # read on the host and dropped: already trained on
+            if next(self._iterator, _END) is _END:
+                raise IterableDataError(
+                    f"the IterableData iterator ended after {skipped} batches while skipping "
+                    f"the {skip} that the checkpoint had trained on; make_iterator must yield "
+                    "the same batches on every call"
+                )
+        self.position = skip
+
+    def __iter__(self) -> _BatchReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator, _END)
+        if batch is _END:
+            raise IterableDataError(
+                f"the IterableData iterator ended after {self.position} batches, but the run "
+                "needs more: yield a batch for every step (loop over the epochs inside it)"
+            )
+        batch = self._checked(batch)
+        self.position += 1
+        return batch
+
+    def get_state(self) -> int:
+        return self.position
+
+    def _checked(self, batch: Any) -> dict[str, np.ndarray]:
+        where = f"IterableData batch {self.position}"
+        if not isinstance(batch, Mapping) or not batch:
+            raise IterableDataError(
+                f"{where} is {type(batch).__name__!r}, not a non-empty dict of arrays such as "
+                "{'x': ..., 'y': ...}"
+            )
+        arrays = {name: np.asarray(value) for name, value in batch.items()}
+        for name, value in arrays.items():
+            if value.dtype.kind not in "biufc":
+                raise IterableDataError(
+                    f"{where}: array {name!r} has dtype {value.dtype}, which cannot go on the "
+                    "device; yield numbers only (tokenize or encode text first)"
+                )
+            if value.ndim == 0 or value.shape[0] != self.rows:
+                raise IterableDataError(
+                    f"{where}: array {name!r} has shape {value.shape}, but every batch needs "
+                    f"{self.rows} rows (batch_size / process count); drop the incomplete last "
+                    "batch of an epoch"
+                )
+        layout = {name: (value.shape, str(value.dtype)) for name, value in arrays.items()}
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise IterableDataError(
+                f"{where} has arrays {layout}, but the first batch had {self._layout}; every "
+                "batch needs the same names, shapes and dtypes (pad variable lengths)"
+            )
+        check_finite(arrays, where=where)
+        return arrays
+
+
+_END = object()
 
 
 class ArraySource:
@@ -480,12 +971,13 @@ class _DevicePrefetcher:
     The queue is bounded, so at most `size` batches wait on the device (plus one being
     put). Each item carries the iterator state after its batch, which becomes the
     stream position once the consumer takes it. An exception in the thread is raised
-    in the consumer.
+    in the consumer (a `UserError` as it is, anything else inside a RuntimeError).
     """
 
     def __init__(self, iterator, to_device: Callable, size: int):
         self._iterator, self._to_device = iterator, to_device
         self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._unsent: list = []  # read while stopping: kept, not lost (see `close`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jdl-prefetch", daemon=True)
         self._thread.start()
@@ -495,27 +987,44 @@ class _DevicePrefetcher:
             while not self._stop.is_set():
                 batch = next(self._iterator)
                 item = (self._to_device(batch), self._iterator.get_state())
-                self._put(item)
+                if not self._put(item):
+                    self._unsent.append(item)
         except BaseException as error:  # handed to the consumer, which raises it
-            self._put(_Failure(error))
+            failure = _Failure(error)
+            if not self._put(failure):
+                self._unsent.append(failure)
 
-    def _put(self, item) -> None:
+    def _put(self, item) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.05)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def get(self) -> tuple[dict[str, jax.Array], dict]:
-        item = self._queue.get()
-        if isinstance(item, _Failure):
-            raise RuntimeError("reading the next training batch failed") from item.error
-        return item
+        return _unpack(self._queue.get())
 
-    def close(self) -> None:
+    def close(self) -> list:
+        """Stops the thread; returns the items read but not taken, in order."""
         self._stop.set()
         self._thread.join()
+        left = []
+        while True:
+            try:
+                left.append(self._queue.get_nowait())
+            except queue.Empty:
+                return left + self._unsent
+
+
+def _unpack(item) -> tuple[dict[str, jax.Array], Any]:
+    """A prefetched (batch, state) item, or the error the reading thread met, raised."""
+    if isinstance(item, _Failure):
+        if isinstance(item.error, UserError):
+            raise item.error
+        raise RuntimeError("reading the next training batch failed") from item.error
+    return item
 
 
 @dataclass

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import sysconfig
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdl.data.mnist import DatasetUnavailableError
+from jdl.data.pipeline import MeshPlacement, check_same_setup
 from jdl.errors import UserError
 
 # Folders of the standard library that are not its own source, or that some
@@ -214,11 +217,53 @@ def eval_windows(ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     }
 
 
+@dataclass(frozen=True)
+class WindowSampler:
+    """Where the windows of each step start: the array-free part of `RandomWindows`.
+
+    Its `DataProgram` (`RandomWindows.program`): hashable and small, so compiled programs
+    are cached on it; two `RandomWindows` of the same text length, batch, window length
+    and seed share one compile.
+    """
+
+    seed: int
+    num_examples: int  # the length of the token sequence
+    batch_size: int
+    seq_len: int
+
+    def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
+        """Window starts, int32 (length, batch_size), of steps `first_step + i`. Traceable."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _WINDOW_SALT)
+        high = self.num_examples - self.seq_len
+        return jax.vmap(
+            lambda step: jax.random.randint(
+                jax.random.fold_in(key, step), (self.batch_size,), 0, high
+            )
+        )(first_step + jnp.arange(length))
+
+    def take_batch(self, arrays: Mapping[str, jax.Array], starts: jax.Array):
+        """The windows at `starts` (one row of `chunk_indices`): {"x", "y"} int32 (B, T)."""
+        ids = arrays["ids"]
+        windows = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (self.seq_len + 1,)))(
+            starts
+        )  # (B, T + 1)
+        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+    def step_inputs(self, first_step: jax.Array, arrays: Mapping[str, jax.Array], length: int):
+        """`DataProgram.step_inputs`: the chunk's window starts (`chunk_indices`)."""
+        del arrays
+        return self.chunk_indices(first_step, length)
+
+    def step_batch(self, arrays: Mapping[str, jax.Array], starts: jax.Array):
+        """`DataProgram.step_batch`: the windows at one step's `starts` (`take_batch`)."""
+        return self.take_batch(arrays, starts)
+
+
 class RandomWindows:
     """Random windows of a token sequence, drawn on the device: the data of a language model.
 
-    Same interface as `jdl.InMemoryData`, so `jdl.fit` takes it as `train_data`. The batch
-    of step s holds `batch_size` windows at uniformly random starts drawn from
+    A `jdl.TrainData` like `jdl.InMemoryData`, so `jdl.fit` takes it as `train_data`. The
+    batch of step s holds `batch_size` windows at uniformly random starts drawn from
     `fold_in(key(seed), s)`: resuming at step s sees exactly the batches an uninterrupted
     run sees, and no host work happens per step. An "epoch" is `len(ids) // (batch_size
     * seq_len)` steps (as many characters as the text holds; used by durations in epochs).
@@ -245,6 +290,7 @@ class RandomWindows:
         self.num_examples = len(ids)  # characters, for the data position record
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.steps_per_epoch = max(1, len(ids) // (batch_size * seq_len))
+        self.program = WindowSampler(seed, self.num_examples, batch_size, seq_len)
         self.arrays = {"ids": jax.device_put(ids.astype(np.int32))}
 
     def epoch_permutation(self, epoch: jax.Array) -> jax.Array:
@@ -257,21 +303,11 @@ class RandomWindows:
 
     def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
         """Window starts, int32 (length, batch_size), of steps `first_step + i`. Traceable."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _WINDOW_SALT)
-        high = self.num_examples - self.seq_len
-        return jax.vmap(
-            lambda step: jax.random.randint(
-                jax.random.fold_in(key, step), (self.batch_size,), 0, high
-            )
-        )(first_step + jnp.arange(length))
+        return self.program.chunk_indices(first_step, length)
 
     def take_batch(self, arrays: Mapping[str, jax.Array], starts: jax.Array):
         """The windows at `starts` (one row of `chunk_indices`): {"x", "y"} int32 (B, T)."""
-        ids = arrays["ids"]
-        windows = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (self.seq_len + 1,)))(
-            starts
-        )  # (B, T + 1)
-        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+        return self.program.take_batch(arrays, starts)
 
     def data_state(self, step: int) -> dict:
         """The JSON-able data position after `step` steps (saved in checkpoints)."""
@@ -284,24 +320,27 @@ class RandomWindows:
             "seq_len": self.seq_len,
         }
 
-    def check_data_state(self, data_state: dict) -> None:
-        """Raises if a checkpoint's data position was made with another data set-up."""
-        for key in ("seed", "num_examples", "batch_size", "seq_len"):
-            if key in data_state and data_state[key] != getattr(self, key):
-                raise ValueError(
-                    f"the checkpoint was written with data {key}={data_state[key]}, but this "
-                    f"run uses {getattr(self, key)}; resuming would not see the same batches. "
-                    "Use the original settings or a new workdir."
-                )
+    def restore_data_state(self, data_state: Mapping[str, Any]) -> None:
+        """Checks a checkpoint's data set-up; the position itself follows from the step.
 
-    def restore_data_state(self, data_state: dict) -> None:
-        """Checks a checkpoint's data position; the position itself follows from the step."""
-        self.check_data_state(data_state)
+        Raises:
+          jdl.DataSetupMismatchError: another kind of data, seed, text length, batch size
+            or window length.
+        """
+        check_same_setup(
+            data_state,
+            self.data_state(0),
+            keys=("kind", "seed", "num_examples", "batch_size", "seq_len"),
+        )
 
     def chunk_inputs(self, count: int, length: int) -> Mapping[str, jax.Array]:
         """The data argument of a chunk program: the stored ids (windows are cut inside)."""
         del count, length
         return self.arrays
 
+    def place_on_mesh(self, placement: MeshPlacement) -> None:
+        """Places the token array on the mesh (replicated)."""
+        self.arrays = placement.place_arrays(self.arrays)
+
     def close(self) -> None:
-        """Nothing to release (kept for the interface `fit` uses)."""
+        """Nothing to release (part of `jdl.TrainData`)."""
