@@ -210,6 +210,22 @@ def test_bad_ema_decay_is_refused(decay):
         _state(ema_decay=decay)
 
 
+def test_ema_is_sharded_like_the_params_and_trains_under_fsdp():
+    mesh = jdl.make_mesh("data:2,fsdp:4")
+    model = jdl.models.MLP(64, (128,), 3, rngs=nnx.Rngs(0))
+    state = jdl.TrainState.create(model, optax.adam(0.01), ema_decay=0.9)
+    sharded = jdl.shard_state(state, mesh)
+    kernel = lambda tree: tree["hidden"][0]["kernel"][...]  # noqa: E731 - (64, 128), split
+    assert kernel(sharded.ema).sharding == kernel(sharded.params).sharding
+    assert kernel(sharded.ema).sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    batch = {"x": jnp.ones((8, 64)), "y": jnp.zeros(8, jnp.int32)}
+    step = jax.jit(jdl.make_train_step(LOSS))
+    on_mesh, _ = step(sharded, batch)
+    alone, _ = step(state, batch)
+    assert kernel(on_mesh.ema).sharding == kernel(on_mesh.params).sharding
+    np.testing.assert_allclose(kernel(on_mesh.ema), kernel(alone.ema), rtol=1e-5, atol=1e-6)
+
+
 def _fit(workdir, num_steps):
     data = {
         "x": np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32),
