@@ -50,59 +50,73 @@ def _host_batch(seed: int, index: int, rows: int) -> dict[str, np.ndarray]:
     return {"x": x, "y": y}
 
 
-# A user's own source: implements the protocol directly, no jdl base class -----------------
+# A user's own source: implements the protocol directly, no jdl base class (the example of
+# docs/concepts/data.md) -----------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class StackedRows:
-    """The traced part: a chunk's argument is one dict of arrays stacked (length, B, ...)."""
+class StackedBatches:
+    """The traced part: a chunk's argument is its batches stacked, (length, B, ...)."""
 
     def step_inputs(self, first_step, stacked, length):
-        del first_step, length
-        return stacked
+        return stacked  # row i is the batch of step first_step + i
 
     def step_batch(self, stacked, row):
-        del stacked
         return row
 
 
-class SeededBlobs:
-    """Batches made on the host from (seed, step), sent to the device one chunk at a time."""
+class SeededRows:
+    """Batch s holds rows of a host table (e.g. an np.memmap) drawn by a (seed, s) generator."""
 
-    program = StackedRows()
+    program = StackedBatches()
 
-    def __init__(self, *, batch_size: int, seed: int):
-        self.batch_size, self.seed = batch_size, seed
-        self.next_step = 0
+    def __init__(self, table, *, batch_size, seed):
+        self.table, self.batch_size, self.seed = table, batch_size, seed
+        self.num_rows = len(table["x"])
+        self.next_step = 0  # the position: the step of the next batch
         self.sharding = None
-        self.closed = 0
+
+    def batch(self, step):
+        rng = np.random.default_rng([self.seed, step])
+        rows = np.sort(rng.choice(self.num_rows, self.batch_size, replace=False))
+        return {name: values[rows] for name, values in self.table.items()}
 
     def chunk_inputs(self, count, length):
-        batches = [
-            _host_batch(self.seed, self.next_step + i, self.batch_size) for i in range(count)
-        ]
-        batches += [batches[-1]] * (length - count)  # padding: never trained on
+        batches = [self.batch(self.next_step + i) for i in range(count)]
+        batches += [batches[-1]] * (length - count)  # padding: those steps do not train
         self.next_step += count
         stacked = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
         return jax.device_put(stacked, self.sharding)
 
     def data_state(self, step):
-        return {"kind": "seeded_blobs", "next_step": self.next_step, **self._setup()}
+        return {
+            "kind": "seeded_rows",
+            "next_step": self.next_step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_rows": self.num_rows,
+        }
 
     def restore_data_state(self, data_state):
-        check_same_setup(data_state, self.data_state(0), keys=("kind", "seed", "batch_size"))
+        check_same_setup(
+            data_state, self.data_state(0), keys=("kind", "seed", "batch_size", "num_rows")
+        )
         self.next_step = data_state["next_step"]
 
     def place_on_mesh(self, placement):
-        self.sharding = jax.sharding.NamedSharding(
-            placement.mesh, jax.sharding.PartitionSpec(None, *placement.batch_sharding.spec)
-        )
+        # (length, B, ...): the rows of every batch split over the mesh's batch axes
+        spec = jax.sharding.PartitionSpec(None, *placement.batch_sharding.spec)
+        self.sharding = jax.sharding.NamedSharding(placement.mesh, spec)
 
     def close(self):
-        self.closed += 1
+        pass
 
-    def _setup(self):
-        return {"seed": self.seed, "batch_size": self.batch_size}
+
+_TABLE = _host_batch(7, 0, 256)
+
+
+def _seeded_rows(seed=0, batch_size=16):
+    return SeededRows(_TABLE, batch_size=batch_size, seed=seed)
 
 
 def _generator_data(seed=0, batch_size=16, **kwargs):
@@ -150,7 +164,7 @@ def test_implementations_satisfy_the_protocol():
         jdl.StreamingData(arrays, batch_size=8, seed=0),
         RandomWindows(np.arange(100), batch_size=4, seq_len=8, seed=0),
         _generator_data(),
-        SeededBlobs(batch_size=8, seed=0),
+        _seeded_rows(batch_size=8),
     ]
     for data in implementations:
         assert isinstance(data, TrainData), type(data).__name__
@@ -160,8 +174,14 @@ def test_implementations_satisfy_the_protocol():
 
 
 def test_a_users_own_source_trains_and_resumes_bitwise(tmp_path):
-    saved = _stop_and_resume(lambda: SeededBlobs(batch_size=16, seed=0), tmp_path)
-    assert saved == {"kind": "seeded_blobs", "next_step": 12, "seed": 0, "batch_size": 16}
+    saved = _stop_and_resume(_seeded_rows, tmp_path)
+    assert saved == {
+        "kind": "seeded_rows",
+        "next_step": 12,
+        "seed": 0,
+        "batch_size": 16,
+        "num_rows": 256,
+    }
 
 
 def test_iterable_data_over_a_generator_trains_and_resumes_bitwise(tmp_path):
@@ -194,12 +214,7 @@ def _other_setups():
             "seq_len=8",
         ),
         ("iterable", _generator_data, lambda: _generator_data(seed=5), "setup={'seed': 0}"),
-        (
-            "user",
-            lambda: SeededBlobs(batch_size=16, seed=0),
-            lambda: SeededBlobs(batch_size=16, seed=2),
-            "seed=0",
-        ),
+        ("user", _seeded_rows, lambda: _seeded_rows(seed=2), "seed=0"),
         (
             "kind",
             lambda: jdl.InMemoryData(arrays, batch_size=16, seed=0),
@@ -265,7 +280,7 @@ def test_equal_programs_share_one_compiled_chunk():
 def test_an_object_that_is_not_train_data_is_one_clear_error():
     class Incomplete:
         batch_size = 8
-        program = StackedRows()
+        program = StackedBatches()
 
         def chunk_inputs(self, count, length):
             raise AssertionError("never called")
@@ -276,11 +291,11 @@ def test_an_object_that_is_not_train_data_is_one_clear_error():
     assert "lacks data_state, restore_data_state, place_on_mesh, close" in message
     assert isinstance(caught.value, UserError) and isinstance(caught.value, TypeError)
 
-    class Unhashable(SeededBlobs):
+    class Unhashable(SeededRows):
         program = {"not": "hashable"}
 
     with pytest.raises(TrainDataError, match="program .* is not hashable"):
-        jdl.make_chunk_runner(_TRAIN_STEP, Unhashable(batch_size=8, seed=0), 4)
+        jdl.make_chunk_runner(_TRAIN_STEP, Unhashable(_TABLE, batch_size=8, seed=0), 4)
 
 
 # IterableData --------------------------------------------------------------------------------
@@ -383,13 +398,14 @@ def test_iterable_data_arguments_are_checked():
         IterableData(_CountingSource(), batch_size=3, process_count=2)
 
 
-def test_iterable_batches_follow_the_mesh():
-    # fit places the batches of host-fed data through the protocol: split over the batch axes.
-    reference = _fit(_generator_data(batch_size=32), num_steps=6, checkpoint_every=0, unroll=1)
+@pytest.mark.parametrize("make_data", [_generator_data, _seeded_rows], ids=["iterable", "user"])
+def test_host_fed_batches_follow_the_mesh(make_data):
+    # fit places the data through the protocol: each batch's rows split over the batch axes.
+    reference = _fit(make_data(batch_size=32), num_steps=6, checkpoint_every=0, unroll=1)
     mesh = parallel.make_mesh("data:8")
-    data = _generator_data(batch_size=32)
+    data = make_data(batch_size=32)
     result = _fit(data, num_steps=6, checkpoint_every=0, unroll=1, mesh=mesh)
-    assert data.sharding == parallel.batch_sharding(mesh)
+    assert data.sharding.mesh == mesh and "data" in data.sharding.spec
     for got, want in zip(_leaves(result.state), _leaves(reference.state), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
