@@ -66,7 +66,7 @@ from jdl.parallel import (
     make_mesh,
     shard_state,
 )
-from jdl.state import TrainState, count_params
+from jdl.state import EmaError, TrainState, count_params
 from jdl.steps import LossOutputError, classification_loss, make_eval_step, make_train_step
 from jdl.summary import Summary, SummaryInputError, summary
 from jdl.tensorboard import TensorBoardValueError
@@ -83,6 +83,7 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "DataSetupMismatchError",
+    "EmaError",
     "EmptyDataError",
     "FitResult",
     "Hook",

@@ -260,8 +260,9 @@ class Checkpointer:
         """`target` with its `params` and `model_state` taken from a checkpoint.
 
         Its own `opt_state`, `step` and `rng` are kept, so a new run can start from saved
-        weights with any optimizer. The checkpoint is chosen, verified and skipped when
-        unreadable exactly as by `restore`; its optimizer state is not read.
+        weights with any optimizer; a target that keeps an average of its weights (EMA)
+        starts that average at the loaded weights. The checkpoint is chosen, verified and
+        skipped when unreadable exactly as by `restore`; its optimizer state is not read.
 
         Args:
           target: a `TrainState` (or any pytree dataclass with `params`, `model_state`
@@ -276,9 +277,11 @@ class Checkpointer:
         restored = self._restore_with_fallback(
             step, lambda s: self._restore_weights_step(weights, s)
         )
-        return target.replace(
-            params=restored.state["params"], model_state=restored.state["model_state"]
-        )
+        params = restored.state["params"]
+        loaded = target.replace(params=params, model_state=restored.state["model_state"])
+        if getattr(target, "ema", None) is not None:  # the average starts at the loaded weights
+            loaded = loaded.replace(ema=jax.tree.map(lambda p: p.copy(), params))
+        return loaded
 
     def _restore_with_fallback(self, step: int | None, read: Callable[[int], Restored]):
         # Before the first read: a failed read reports from other threads right away.

@@ -282,3 +282,20 @@ def test_ema_mnist_experiment_smoke_run(tmp_path, monkeypatch, capsys):
     assert final["test_loss"] != final["ema_test_loss"]
     assert os.path.isdir(workdir / "seed0" / "checkpoints")
     assert "python -m experiments.ema_mnist" in ema_mnist.__doc__
+
+
+def test_restore_weights_starts_the_average_at_the_loaded_weights(tmp_path):
+    model = jdl.models.MLP(8, (16,), 4, rngs=nnx.Rngs(0))
+    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
+    saved = jdl.TrainState.create(model, tx, seed=0)
+    saved = saved.replace(params=jax.tree.map(lambda p: p + 1.0, saved.params))
+    checkpointer = jdl.Checkpointer(tmp_path)
+    checkpointer.save(1, saved)
+    checkpointer.wait()
+    fresh = jdl.TrainState.create(
+        jdl.models.MLP(8, (16,), 4, rngs=nnx.Rngs(5)), tx, seed=0, ema_decay=0.99
+    )
+    loaded = checkpointer.restore_weights(fresh)
+    checkpointer.close()
+    for ema, param in zip(jax.tree.leaves(loaded.ema), jax.tree.leaves(saved.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ema), np.asarray(param))
