@@ -38,9 +38,12 @@ from jdl.data.pipeline import (
     BatchSizeError,
     DataSetupMismatchError,
     InMemoryData,
+    IterableData,
     LabelRangeError,
     StreamingData,
+    TrainData,
     check_labels,
+    check_same_setup,
 )
 from jdl.data.text import CharVocab, RandomWindows
 from jdl.errors import UserError
@@ -89,6 +92,7 @@ __all__ = [
     "Hook",
     "HookContext",
     "InMemoryData",
+    "IterableData",
     "LabelRangeError",
     "LossOutputError",
     "MetricLogger",
@@ -106,6 +110,7 @@ __all__ = [
     "Summary",
     "SummaryInputError",
     "TensorBoardValueError",
+    "TrainData",
     "TrainState",
     "UnknownMetricError",
     "UserError",
@@ -113,6 +118,7 @@ __all__ = [
     "WorkdirLock",
     "WorkdirLockedError",
     "check_labels",
+    "check_same_setup",
     "classification_loss",
     "cli",
     "compiler",

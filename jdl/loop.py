@@ -33,8 +33,6 @@ from jdl.config import write_run_record
 from jdl.data.dataset import EmptyDataError, check_finite
 from jdl.data.pipeline import (
     DataProgram,
-    InMemoryData,
-    StreamingData,
     TrainData,
     check_labels,
     check_train_data,
@@ -128,7 +126,7 @@ def fit(
     state: TrainState,
     *,
     train_step: TrainStep,
-    train_data: InMemoryData | StreamingData,
+    train_data: TrainData,
     num_steps: int,
     eval_step: EvalStep | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
@@ -169,9 +167,11 @@ def fit(
     Args:
       state: initial state (its shapes, dtypes and shardings are the restore target).
       train_step: pure `(state, batch) -> (state, metrics)`, see `jdl.steps`.
-      train_data: the training set: `InMemoryData` (on the device, batches drawn inside
-        the compiled chunk) or `StreamingData` (host pipeline; each chunk program takes
-        its `steps_per_dispatch` prefetched batches as input).
+      train_data: the training set, any `jdl.TrainData`: `InMemoryData` (on the device,
+        batches drawn inside the compiled chunk), `StreamingData` (a grain pipeline),
+        `IterableData` (your own Python iterator) — the last two feed each chunk program
+        its `steps_per_dispatch` prefetched batches — or your own implementation of the
+        protocol (see `jdl.data.pipeline.TrainData`).
       num_steps: total optimizer steps of the run.
       eval_step: per-example eval metrics `(state, batch) -> metrics`.
       eval_data: host arrays {"x", "y"} to evaluate on (not empty, finite).
@@ -630,7 +630,7 @@ def _build_evaluator(
 
 
 def _maybe_resume(
-    checkpointer: Checkpointer, state: TrainState, data: InMemoryData | StreamingData
+    checkpointer: Checkpointer, state: TrainState, data: TrainData
 ) -> Restored | None:
     """The restored checkpoint (data position checked and set), or None for a fresh run."""
     if checkpointer.latest_step() is None:
