@@ -27,7 +27,20 @@ def blobs(n=256, classes=4, dim=8, seed=0):
     return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
 
-def main(workdir: str, num_steps: int, cache: str) -> None:
+def main(
+    workdir: str,
+    num_steps: int,
+    cache: str,
+    *,
+    wrap_step=None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    log_every: int = CHECKPOINT_EVERY,
+    steps_per_dispatch: int = 1,
+) -> None:
+    """Trains, saves WORKDIR/final_params.npz and prints "done at step N".
+
+    `wrap_step(train_step) -> train_step` changes the step (the signal tests slow it down).
+    """
     import jax
     import numpy as np
     from flax import nnx
@@ -38,16 +51,17 @@ def main(workdir: str, num_steps: int, cache: str) -> None:
     model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
     tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
     state = jdl.TrainState.create(model, tx, seed=0)
+    train_step = jdl.make_train_step(jdl.classification_loss())
     result = jdl.fit(
         state,
-        train_step=jdl.make_train_step(jdl.classification_loss()),
+        train_step=train_step if wrap_step is None else wrap_step(train_step),
         train_data=jdl.InMemoryData(blobs(), batch_size=32, seed=0),
         num_steps=num_steps,
-        log_every=CHECKPOINT_EVERY,
+        log_every=log_every,
         workdir=workdir,
-        checkpoint_every=CHECKPOINT_EVERY,
+        checkpoint_every=checkpoint_every,
         max_to_keep=2,
-        steps_per_dispatch=1,
+        steps_per_dispatch=steps_per_dispatch,
         progress=False,
     )
     leaves = jax.tree_util.tree_flatten_with_path(result.state.params)[0]

@@ -21,40 +21,27 @@ import faults_worker  # noqa: E402
 LOG_EVERY = 20
 
 
-def main(workdir: str, num_steps: int, cache: str) -> None:
+def slowed(train_step):
+    """`train_step` with a host callback that sleeps 2 ms per step."""
     import jax
-    import numpy as np
-    from flax import nnx
-
-    import jdl
-
-    jdl.enable_compilation_cache(cache)
-    model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
-    state = jdl.TrainState.create(model, tx, seed=0)
-    step = jdl.make_train_step(jdl.classification_loss())
 
     def slow_step(state, batch):
         jax.debug.callback(lambda: time.sleep(0.002), ordered=True)
-        return step(state, batch)
+        return train_step(state, batch)
 
-    result = jdl.fit(
-        state,
-        train_step=slow_step,
-        train_data=jdl.InMemoryData(faults_worker.blobs(), batch_size=32, seed=0),
-        num_steps=num_steps,
-        log_every=LOG_EVERY,
-        workdir=workdir,
+    return slow_step
+
+
+def main(workdir: str, num_steps: int, cache: str) -> None:
+    faults_worker.main(
+        workdir,
+        num_steps,
+        cache,
+        wrap_step=slowed,
         checkpoint_every=0,
+        log_every=LOG_EVERY,
         steps_per_dispatch=4,
-        progress=False,
     )
-    leaves = jax.tree_util.tree_flatten_with_path(result.state.params)[0]
-    np.savez(
-        os.path.join(workdir, "final_params.npz"),
-        **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
-    )
-    print(f"done at step {result.step}", flush=True)
 
 
 if __name__ == "__main__":
