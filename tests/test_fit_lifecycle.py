@@ -21,15 +21,10 @@ from jdl.data.dataset import EmptyDataError, NonFiniteDataError
 from jdl.loop import NonFiniteLossError, UnknownMetricError
 
 WORKER = os.path.join(os.path.dirname(__file__), "signal_worker.py")
+sys.path.insert(0, os.path.dirname(__file__))
+from faults_worker import blobs as _blobs  # noqa: E402  (the workers' data, shared)
+
 NUM_STEPS = 1200
-
-
-def _blobs(n=256, classes=4, dim=8, seed=0):
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
 
 def _state(hidden=32, optimizer="adam", lr=1e-2, seed=0):
