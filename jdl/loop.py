@@ -223,8 +223,9 @@ def fit(
         remains. Nothing diverged is ever saved.
       RunInterrupted: SIGTERM or SIGINT arrived (with a workdir); a checkpoint was saved.
       jdl.UserError: bad data (labels outside the model's classes, empty or non-finite
-        eval data), a checkpoint of another model or data set-up, an unknown
-        `best_metric`; raised before anything in the workdir changes.
+        eval data) or a checkpoint of another model or data set-up, raised before
+        anything in the workdir changes; an unknown `best_metric` (`UnknownMetricError`,
+        at the first evaluation).
       jdl.parallel.ShardingError: the batch size does not split over the mesh's batch
         axes, or a sharding rule does not fit (raised before anything compiles).
       jdl.lock.WorkdirLockedError: another run uses `workdir`.
