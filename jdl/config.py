@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -207,20 +208,31 @@ def load_config_file(spec: str, defaults: ml_collections.ConfigDict) -> ml_colle
     loaded = ml_collections.ConfigDict(loaded)
     valid = flatten(defaults)
     for key, value in flatten(loaded).items():
-        if key not in valid:
-            hint = difflib.get_close_matches(key, list(valid), n=1)
-            raise ConfigError(
-                f"--config={spec}: unknown config key {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid keys: {', '.join(sorted(valid))}"
-            )
-        *parents, leaf = key.split(".")
-        node = defaults
-        for parent in parents:
-            node = node[parent]
-        with node.unlocked():
-            node[leaf] = _compatible_value(key, value, valid[key], spec)
+        _check_known_key(key, valid, where=f"--config={spec}: ")
+        _set_dotted(defaults, key, _compatible_value(key, value, valid[key], spec))
     return defaults
+
+
+def _check_known_key(key: str, valid, *, where: str = "") -> None:
+    """Raises a ConfigError with a did-you-mean when `key` is not among `valid`."""
+    if key in valid:
+        return
+    hint = difflib.get_close_matches(key, list(valid), n=1)
+    raise ConfigError(
+        f"{where}unknown config key {key!r}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; valid keys: {', '.join(sorted(valid))}"
+    )
+
+
+def _set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets the leaf `a.b.c` of a (locked) nested ConfigDict."""
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    with node.unlocked():
+        node[leaf] = value
 
 
 def _is_config_file(arg: str) -> bool:
@@ -247,21 +259,11 @@ def _compatible_value(key: str, value, default, spec: str):
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]):
     """Sets dotted keys of `config` from strings, converting to each default's type."""
-    valid = sorted(flatten(config))
+    valid = flatten(config)
     for key, text in overrides:
-        if key not in valid:
-            hint = difflib.get_close_matches(key, valid, n=1)
-            raise ConfigError(
-                f"unknown config key {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid keys: {', '.join(valid)}"
-            )
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        with node.unlocked():
-            node[leaf] = convert_value(key, text, node[leaf])
+        _check_known_key(key, valid)
+        current = functools.reduce(lambda node, name: node[name], key.split("."), config)
+        _set_dotted(config, key, convert_value(key, text, current))
 
 
 def convert_value(key: str, text: str, default):
