@@ -42,6 +42,23 @@ from jdl.models.resnet import BasicBlock, Bottleneck, ResNet
 from jdl.models.transformer import GPT
 from jdl.models.vit import ViT
 
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "CheckpointFormatError",
+    "PretrainedUnavailableError",
+    "SAFETENSORS_FILE",
+    "SAFETENSORS_INDEX",
+    "TORCH_FILE",
+    "TORCH_INDEX",
+    "gpt2_from_hf",
+    "load_pretrained",
+    "model_from_hf",
+    "read_checkpoint",
+    "resnet_from_hf",
+    "vit_from_hf",
+]
+
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"

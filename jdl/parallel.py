@@ -36,6 +36,29 @@ from jdl.checkpoint import path_name
 from jdl.data.pipeline import MeshPlacement, check_train_data
 from jdl.errors import UserError
 
+__all__ = [
+    "BATCH_AXES",
+    "ChunkShardings",
+    "ShardingError",
+    "ShardingRules",
+    "batch_axes",
+    "batch_sharding",
+    "check_batch_size",
+    "data_parallel_size",
+    "global_arrays",
+    "initialize_distributed",
+    "make_mesh",
+    "mesh_of",
+    "parse_mesh_shape",
+    "place_batches",
+    "place_data",
+    "place_for_fit",
+    "process_rows",
+    "replicated",
+    "shard_state",
+    "state_shardings",
+]
+
 BATCH_AXES = ("data", "fsdp")
 """Mesh axes a batch is split over, outermost first."""
 

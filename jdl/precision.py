@@ -31,6 +31,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "cast_like",
+    "get_policy",
+]
+
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
