@@ -23,7 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["MetricAverager", "accuracy", "confusion_matrix", "topk_accuracy"]
+from jdl.errors import UserError
+
+__all__ = [
+    "FrechetInputError",
+    "MetricAverager",
+    "accuracy",
+    "confusion_matrix",
+    "feature_statistics",
+    "frechet_distance",
+    "topk_accuracy",
+]
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -228,3 +238,64 @@ class MetricAverager:
         """Forgets everything accumulated so far."""
         self._sums.clear()
         self._weights.clear()
+
+
+# ------------------------------------------------------------------ distances between sets
+
+
+class FrechetInputError(UserError, ValueError):
+    """Means and covariances that do not describe two Gaussians of one dimension."""
+
+
+def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), float64, N >= 2.
+
+    The covariance is the unbiased one (divides by N - 1), as in the reference FID code.
+    """
+    array = np.asarray(features, np.float64)
+    if array.ndim != 2 or array.shape[0] < 2:
+        raise FrechetInputError(f"features must have shape (N, D) with N >= 2, got {array.shape}")
+    return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
+
+
+def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: ArrayLike) -> float:
+    """The squared Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2).
+
+    d = |mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1 cov2)^(1/2)), the FID formula.
+    tr((cov1 cov2)^(1/2)) is computed as tr((S cov2 S)^(1/2)) with S = cov1^(1/2): both
+    square roots are of symmetric positive semi-definite matrices, so they come from
+    `eigh` with tiny negative eigenvalues (rounding) clipped to 0 -- real, no complex
+    `sqrtm`, and stable for singular covariances (fewer samples than dimensions).
+    Computed on the host in float64.
+
+    Args:
+      mu1, mu2: means (D,). cov1, cov2: symmetric positive semi-definite (D, D).
+
+    Returns:
+      The distance (>= 0 up to rounding) as a Python float.
+
+    Raises:
+      FrechetInputError: shapes that do not fit one dimension D, or non-finite values.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu2.shape != (dim,) or cov1.shape != (dim, dim) or cov2.shape != (dim, dim):
+        raise FrechetInputError(
+            "frechet_distance needs means (D,) and covariances (D, D) of one D, got "
+            f"{mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}"
+        )
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, cov1, cov2)):
+        raise FrechetInputError("frechet_distance got NaN or infinite means or covariances")
+    root1 = _psd_sqrt(cov1)
+    middle = root1 @ cov2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2.0)
+    trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ vectors.T
