@@ -531,8 +531,11 @@ def model_from_hf(config: Mapping, tensors: Mapping[str, np.ndarray]) -> nnx.Mod
 
 
 def load_pretrained(
-    name_or_path: str | os.PathLike[str], *, revision: str | None = None
-) -> nnx.Module:
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    with_tokenizer: bool = False,
+):
     """A jdl model with the weights of a Hugging Face checkpoint, in eval mode.
 
     Args:
@@ -540,11 +543,19 @@ def load_pretrained(
         a Hub repository id such as "microsoft/resnet-18", downloaded with
         `huggingface_hub` (and cached by it).
       revision: the Hub branch, tag or commit (ignored for local directories).
+      with_tokenizer: also load the checkpoint's byte-level BPE tokenizer
+        (`jdl.data.tokenizer.load_tokenizer`: `tokenizer.json`, or `vocab.json` +
+        `merges.txt`).
+
+    Returns:
+      The model; with `with_tokenizer`, the pair `(model, tokenizer)`, where the
+      tokenizer is None when the checkpoint has no tokenizer files.
 
     Raises:
       PretrainedUnavailableError: a local path that does not exist, or a Hub id that
         cannot be downloaded now (offline, `HF_HUB_OFFLINE=1`, unknown repository).
       CheckpointFormatError: the checkpoint does not map onto a jdl model.
+      jdl.data.tokenizer.TokenizerFormatError: tokenizer files that cannot be read.
     """
     directory = Path(name_or_path).expanduser()
     if not directory.is_dir():
@@ -553,7 +564,18 @@ def load_pretrained(
         directory = _download(str(name_or_path), revision)
     model = model_from_hf(*read_checkpoint(directory))
     model.eval()
-    return model
+    if not with_tokenizer:
+        return model
+    from jdl.data import tokenizer as tokenizer_files  # the `tokenizers` library, on demand
+
+    if tokenizer_files.has_tokenizer(directory):
+        return model, tokenizer_files.load_tokenizer(directory)
+    if directory != Path(name_or_path).expanduser():  # from the Hub: its tokenizer files too
+        try:
+            return model, tokenizer_files.load_tokenizer(str(name_or_path), revision=revision)
+        except tokenizer_files.TokenizerNotFoundError:
+            pass
+    return model, None
 
 
 def _looks_like_path(name: str) -> bool:
