@@ -20,6 +20,7 @@ from jdl.data.augment import (
 from jdl.data.cifar10 import CifarFormatError, load_cifar10
 from jdl.data.dataset import Dataset, NonFiniteDataError, check_finite, stratified_split
 from jdl.data.digits import load_digits
+from jdl.data.fsdd import load_fsdd
 from jdl.data.idx import IdxFormatError, read_idx, write_idx
 from jdl.data.iris import load_iris
 from jdl.data.mnist import ChecksumMismatchError, DatasetUnavailableError, load_mnist
@@ -61,6 +62,7 @@ __all__ = [
     "IdxFormatError",
     "load_cifar10",
     "load_digits",
+    "load_fsdd",
     "load_iris",
     "load_mnist",
     "load_mnist1d",
