@@ -45,7 +45,8 @@ class Case:
       input_shape: one example's shape at the default size ((T,) tokens for language models).
       tiny: overrides that make the model small and fast to compile.
       tiny_input_shape: one example's shape for the tiny model (None: `input_shape`).
-      task: "classify" (logits (B, K)) or "lm" (next-token logits (B, T, V)).
+      task: "classify" (logits (B, K)), "lm" (next-token logits (B, T, V)) or "vae"
+        (decoder output shaped like the input, trained on the negative ELBO).
       optimizer, learning_rate: the one step that must lower the loss.
       slow: train the tiny model only in the slow suite.
     """
@@ -104,12 +105,19 @@ CASES: dict[str, Case] = {
         optimizer="adam",
         learning_rate=1e-3,
     ),
+    "mnist_vae": Case(
+        (28, 28, 1),
+        {"latent_dim": 2, "channels": (2, 4), "hidden_size": 8},
+        task="vae",
+        optimizer="adam",
+        learning_rate=1e-2,
+    ),
 }
 NUM_CLASSES = 7  # not any default, so a head that ignores num_classes is caught
 
 
 def _build(name: str, **overrides) -> nnx.Module:
-    kwargs = {} if CASES[name].task == "lm" else {"num_classes": NUM_CLASSES}
+    kwargs = {"num_classes": NUM_CLASSES} if CASES[name].task == "classify" else {}
     return MODELS[name](**kwargs, **overrides, rngs=nnx.Rngs(0))
 
 
@@ -117,6 +125,8 @@ def _output_shape(model: nnx.Module, name: str, input_shape: tuple[int, ...]) ->
     """The documented output shape for a batch of `BATCH` inputs of `input_shape`."""
     if CASES[name].task == "lm":
         return (BATCH, *input_shape, model.vocab_size)
+    if CASES[name].task == "vae":
+        return (BATCH, *input_shape)
     return (BATCH, NUM_CLASSES)
 
 
@@ -124,6 +134,8 @@ def _inputs(name: str, input_shape: tuple[int, ...], vocab_size: int = 0) -> jax
     key = jax.random.key(1)
     if CASES[name].task == "lm":
         return jax.random.randint(key, (BATCH, *input_shape), 0, vocab_size)
+    if CASES[name].task == "vae":  # Bernoulli pixels: grey values in [0, 1]
+        return jax.random.uniform(key, (BATCH, *input_shape))
     return jax.random.normal(key, (BATCH, *input_shape))
 
 
@@ -135,6 +147,8 @@ def _lm_loss(model: nnx.Module, batch: dict) -> dict:
 
 
 def _loss_fn(name: str) -> Callable:
+    if CASES[name].task == "vae":
+        return jdl.models.vae.vae_loss()
     return _lm_loss if CASES[name].task == "lm" else jdl.classification_loss()
 
 
@@ -317,6 +331,7 @@ BAD_SIZES = {
         ]
         for name in ("gpt_tiny", "gpt_small")
     },
+    "mnist_vae": [("latent_dim", 0), ("channels", (32, 0)), ("hidden_size", -1)],
 }
 
 
@@ -329,7 +344,7 @@ def test_every_registry_entry_has_bad_size_cases():
     [(name, arg, value) for name in sorted(BAD_SIZES) for arg, value in BAD_SIZES[name]],
 )
 def test_non_positive_registry_sizes_raise_naming_the_argument(name, argument, value):
-    kwargs = {} if name.startswith("gpt") else {"num_classes": 10}
+    kwargs = {} if name.startswith("gpt") or name == "mnist_vae" else {"num_classes": 10}
     with pytest.raises(ModelSizeError) as caught:
         MODELS[name](**{**kwargs, argument: value}, rngs=nnx.Rngs(0))
     message = str(caught.value)

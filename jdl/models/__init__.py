@@ -28,6 +28,7 @@ from jdl.models.transformer import (
     gpt_small,
     gpt_tiny,
 )
+from jdl.models.vae import VAE
 from jdl.models.vit import ViT, vit_b16, vit_cifar, vit_tiny
 
 MODELS = {
@@ -48,6 +49,7 @@ MODELS = {
     "vit_b16": vit_b16,
     "gpt_tiny": gpt_tiny,
     "gpt_small": gpt_small,
+    "mnist_vae": VAE,  # takes no num_classes: (B, 28, 28, 1) -> decoder logits
 }
 
 __all__ = [
