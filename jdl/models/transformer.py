@@ -508,6 +508,7 @@ def generate(
     *,
     temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
     use_cache: bool = True,
 ) -> jax.Array:
     """Samples `num_tokens` continuation tokens from `model` (in eval mode: no dropout).
@@ -525,6 +526,9 @@ def generate(
       num_tokens: how many tokens to append.
       temperature: divides the logits; 0 means greedy (argmax).
       top_k: sample only among the k most likely tokens (None: all); 1 means greedy.
+      top_p: nucleus sampling: only among the most likely tokens whose probabilities
+        (after temperature and top-k) add up to at least `top_p`, in (0, 1]; None or 1
+        keeps all. Traced, like `temperature`: a new value does not recompile.
       use_cache: decode with a KV cache (fast) or by recomputation.
 
     Returns:
@@ -538,16 +542,24 @@ def generate(
             f"prompt length {prompt.shape[1]} + num_tokens {num_tokens} exceeds "
             f"max_len {model.max_len}"
         )
-    if isinstance(temperature, int | float) and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    _check_sampling(temperature, top_k, top_p)
     if num_tokens == 0:
         return prompt
     graphdef, state = nnx.split(model)
     run = _generate_cached if use_cache else _generate_recompute
     temperature = jnp.asarray(temperature, jnp.float32)  # traced: no recompile per value
-    return run(graphdef, state, key, prompt, temperature, num_tokens=num_tokens, top_k=top_k)
+    top_p = None if top_p is None else jnp.asarray(top_p, jnp.float32)
+    return run(graphdef, state, key, prompt, temperature, top_p, num_tokens=num_tokens, top_k=top_k)
+
+
+def _check_sampling(temperature, top_k: int | None, top_p) -> None:
+    """ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1]."""
+    if isinstance(temperature, int | float) and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if isinstance(top_p, int | float) and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
 def sample_logits(
@@ -556,11 +568,18 @@ def sample_logits(
     *,
     temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
 ) -> jax.Array:
     """One token per row of `logits` (B, V): int32 (B,).
 
-    Greedy (argmax) when `temperature` is 0 or `top_k` is 1. `temperature` may be traced,
-    so changing it does not recompile; `top_k` fixes a shape and must be a Python int.
+    Greedy (argmax) when `temperature` is 0 or `top_k` is 1. Otherwise the logits are
+    divided by `temperature`, cut to the `top_k` largest, then to the nucleus: the
+    smallest set of most likely tokens whose probabilities add up to at least `top_p`
+    (the most likely token always stays), and the token is drawn from the softmax of
+    what is left, i.e. from the renormalised nucleus. Tokens tied at a cut-off are kept.
+
+    `temperature` and `top_p` may be traced, so changing them does not recompile;
+    `top_k` fixes a shape and must be a Python int; `top_p` None (or 1) keeps all tokens.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if top_k == 1:
@@ -571,8 +590,94 @@ def sample_logits(
     if top_k is not None:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (B, 1)
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p is not None:
+        logits = _nucleus(logits, jnp.asarray(top_p, jnp.float32))
     sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _nucleus(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`logits` (B, V) with every token outside the top-p nucleus set to -inf."""
+    descending = jnp.sort(logits, axis=-1)[..., ::-1]  # (B, V)
+    probs = jax.nn.softmax(descending, axis=-1)
+    # A token is in the nucleus when the tokens more likely than it hold < top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # (B, 1), >= 1
+    threshold = jnp.take_along_axis(descending, kept - 1, axis=-1)  # smallest kept logit
+    # top_p >= 1 keeps everything, also the tokens that rounding would push past 1.
+    return jnp.where((logits < threshold) & (top_p < 1), -jnp.inf, logits)
+
+
+def generate_text(
+    model: GPT,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
+    """The prompt and up to `max_new_tokens` sampled tokens after it, decoded as text.
+
+    Text in, text out on top of `generate` (KV-cache decoding). A continuation longer than
+    the context slides: when the text reaches `model.max_len` tokens, the last half
+    context becomes the prompt of the next round, so at most three shapes compile.
+
+    Args:
+      model: a `GPT` (not modified; sampled in eval mode).
+      tokenizer: has `encode(str) -> int ids` and `decode(ids) -> str`, with ids below
+        the model's vocabulary size: a `jdl.data.tokenizer.BPETokenizer` (e.g. from
+        `jdl.hf.load_pretrained(..., with_tokenizer=True)`) or a `jdl.CharVocab`.
+      prompt: the text to continue; it must encode to at least one token.
+      max_new_tokens: how many tokens to sample (>= 0).
+      temperature: divides the logits; 0 means greedy (argmax).
+      top_k: sample among the k most likely tokens only (None: all).
+      top_p: nucleus sampling threshold in (0, 1] (None: off); see `sample_logits`.
+      seed: the sampling's seed; the same seed gives the same text.
+
+    Returns:
+      `tokenizer.decode(prompt ids + new ids)`: the prompt (as the tokenizer decodes it,
+      which is the prompt itself for byte-level BPE) followed by the continuation.
+
+    Raises:
+      ValueError: an empty prompt, a negative `max_new_tokens`, a bad sampling argument,
+        or a token id the model's vocabulary does not have.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens and model.max_len < 2:
+        raise ValueError(f"a model with max_len {model.max_len} has no room to continue text")
+    _check_sampling(temperature, top_k, top_p)
+    prompt_ids = [int(token) for token in tokenizer.encode(prompt)]
+    if not prompt_ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens; give at least one")
+    if max(prompt_ids) >= model.vocab_size:
+        raise ValueError(
+            f"the tokenizer gives id {max(prompt_ids)} but the model has only "
+            f"{model.vocab_size} tokens; use the model's own tokenizer"
+        )
+    half = max(1, model.max_len // 2)
+    new_ids: list[int] = []
+    key = jax.random.PRNGKey(seed)
+    while len(new_ids) < max_new_tokens:
+        context = (prompt_ids + new_ids)[-model.max_len :]
+        if len(context) == model.max_len:
+            context = context[-half:]  # full context: slide by half a context
+        count = min(max_new_tokens - len(new_ids), model.max_len - len(context))
+        key, round_key = jax.random.split(key)
+        tokens = generate(
+            model,
+            round_key,
+            jnp.asarray([context], jnp.int32),
+            count,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        new_ids += [int(token) for token in jax.device_get(tokens[0, len(context) :])]
+    return tokenizer.decode(prompt_ids + new_ids)
 
 
 _GENERATE_STATIC = ("graphdef", "num_tokens", "top_k")
@@ -585,13 +690,14 @@ def _generate_cached(
     key: jax.Array,
     prompt: jax.Array,
     temperature: jax.Array,
+    top_p: jax.Array | None,
     *,
     num_tokens: int,
     top_k: int | None,
 ) -> jax.Array:
     model = _eval_model(graphdef, state)
     batch, prompt_len = prompt.shape
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(key, num_tokens)
     cache = model.init_cache(batch, prompt_len + num_tokens)
     # Prefill; only the last position needs logits ((B, P, V) would be large).
@@ -615,13 +721,14 @@ def _generate_recompute(
     key: jax.Array,
     prompt: jax.Array,
     temperature: jax.Array,
+    top_p: jax.Array | None,
     *,
     num_tokens: int,
     top_k: int | None,
 ) -> jax.Array:
     model = _eval_model(graphdef, state)
     batch, prompt_len = prompt.shape
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     buffer = jnp.zeros((batch, prompt_len + num_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
 
     def step(buffer, inputs):
