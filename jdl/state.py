@@ -285,12 +285,6 @@ def _ema_update(average: jax.Array, value: jax.Array, decay: jax.Array) -> jax.A
     return decay * average + (1 - decay) * value
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
-    """Splits a module into (params, model_state) in the layout `TrainState` uses."""
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    return params, model_state
-
-
 def count_params(tree: Any) -> int:
     """Total number of scalar entries in a pytree of arrays (e.g. `state.params`).
 

@@ -95,23 +95,27 @@ def test_load_text_errors_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _batch_of_step(data, step):
+    """The batch `jdl.fit` trains step `step` on: the windows at that step's starts."""
+    return data.take_batch(data.arrays, data.chunk_indices(step, 1)[0])
+
+
 def test_random_windows_are_shifted_substrings_and_depend_only_on_seed_and_step():
     ids = np.arange(500, dtype=np.int32)  # id == position, so a window shows its start
     data = text_data.RandomWindows(ids, batch_size=8, seq_len=16, seed=3)
     assert data.steps_per_epoch == 500 // (8 * 16)
-    order = data.epoch_permutation(jnp.int32(0))
-    batch = jax.jit(data.batch_at)(data.arrays, order, jnp.int32(7))
+    batch = jax.jit(lambda step: _batch_of_step(data, step))(jnp.int32(7))
     x, y = np.asarray(batch["x"]), np.asarray(batch["y"])
     assert x.shape == y.shape == (8, 16)
     np.testing.assert_array_equal(y, x + 1)  # next character
     np.testing.assert_array_equal(np.diff(x, axis=1), 1)  # contiguous windows
     assert x.min() >= 0 and y.max() <= 499
     again = text_data.RandomWindows(ids, batch_size=8, seq_len=16, seed=3)
-    np.testing.assert_array_equal(again.batch_at(again.arrays, order, jnp.int32(7))["x"], x)
-    other_step = data.batch_at(data.arrays, order, jnp.int32(8))["x"]
+    np.testing.assert_array_equal(_batch_of_step(again, jnp.int32(7))["x"], x)
+    other_step = _batch_of_step(data, jnp.int32(8))["x"]
     other_seed = text_data.RandomWindows(ids, batch_size=8, seq_len=16, seed=4)
     assert not np.array_equal(other_step, x)
-    assert not np.array_equal(other_seed.batch_at(other_seed.arrays, order, 7)["x"], x)
+    assert not np.array_equal(_batch_of_step(other_seed, 7)["x"], x)
 
 
 def test_random_windows_chunk_indices_match_each_steps_draw():
@@ -125,7 +129,7 @@ def test_random_windows_chunk_indices_match_each_steps_draw():
     for k in range(4):
         expected = jax.random.randint(jax.random.fold_in(key, 5 + k), (8,), 0, 500 - 16)
         np.testing.assert_array_equal(starts[k], expected)
-        batch = data.batch_at(data.arrays, None, jnp.int32(5 + k))
+        batch = data.take_batch(data.arrays, starts[k])
         np.testing.assert_array_equal(batch["x"][:, 0], expected)
 
 

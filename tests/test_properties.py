@@ -156,7 +156,7 @@ def test_chunk_indices_are_the_batches_of_each_step(
     num_examples, batch_fraction, seed, first_step, length
 ):
     # The chunk program draws its batches from `chunk_indices` (computed before its loop);
-    # they must be the batches `batch_at` defines for each step, across epoch boundaries
+    # they must be each step's slice of its epoch's permutation, across epoch boundaries
     # and for epochs shorter than the chunk.
     batch_size = max(1, int(num_examples * batch_fraction))
     data = jdl.InMemoryData(
@@ -166,9 +166,9 @@ def test_chunk_indices_are_the_batches_of_each_step(
     assert rows.shape == (length, batch_size)
     for k in range(length):
         step = first_step + k
-        order = data.epoch_permutation(jnp.int32(step // data.steps_per_epoch))
-        expected = data.batch_at(data.arrays, order, jnp.int32(step))["i"]
-        np.testing.assert_array_equal(rows[k], expected)
+        order = np.asarray(data.sampler.epoch_permutation(step // data.steps_per_epoch))
+        position = (step % data.steps_per_epoch) * batch_size
+        np.testing.assert_array_equal(rows[k], order[position : position + batch_size])
 
 
 @settings(max_examples=8, deadline=None)
@@ -183,13 +183,10 @@ def test_each_epoch_visits_each_example_at_most_once(num_examples, batch_fractio
     data = jdl.InMemoryData(
         {"i": np.arange(num_examples, dtype=np.int32)}, batch_size=batch_size, seed=seed
     )
-    order = data.epoch_permutation(jnp.int32(epoch))
-    first_step = epoch * data.steps_per_epoch
+    order = data.sampler.epoch_permutation(jnp.int32(epoch))
+    rows = data.sampler.chunk_indices(jnp.int32(epoch * data.steps_per_epoch), data.steps_per_epoch)
     seen = np.concatenate(
-        [
-            np.asarray(data.batch_at(data.arrays, order, jnp.int32(first_step + k))["i"])
-            for k in range(data.steps_per_epoch)
-        ]
+        [np.asarray(data.sampler.take_batch(data.arrays, row)["i"]) for row in rows]
     )
     # Full batches only: every example once, except the dropped remainder (< one batch).
     assert len(seen) == len(set(seen.tolist())) == data.steps_per_epoch * batch_size

@@ -346,17 +346,12 @@ class BatchSampler:
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _SHUFFLE_SALT)
         return jax.random.permutation(jax.random.fold_in(key, epoch), self.num_examples)
 
-    def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
-        """The batch for global `step`, given the current epoch's `order`. Traceable."""
-        position = (step % self.steps_per_epoch) * self.batch_size
-        indices = jax.lax.dynamic_slice(order, (position,), (self.batch_size,))
-        return self.take_batch(arrays, indices)
-
     def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
         """Example indices, int32 (length, batch_size), of steps `first_step + i`. Traceable.
 
-        Row i equals the indices `batch_at` uses for step `first_step + i`, across epoch
-        boundaries too. Computed once before a chunk's loop, so the loop body only
+        Row i is the batch of step `first_step + i`: the `batch_size` examples at position
+        `(step % steps_per_epoch) * batch_size` of its epoch's `epoch_permutation`, across
+        epoch boundaries too. Computed once before a chunk's loop, so the loop body only
         gathers: the permutations of the (at most `span`) epochs the chunk touches are
         made here, the second and later ones only if the chunk reaches them.
         """
@@ -453,14 +448,6 @@ class InMemoryData:
             else jax.device_put(np.asarray(value), sharding)
             for name, value in arrays.items()
         }
-
-    def epoch_permutation(self, epoch: jax.Array) -> jax.Array:
-        """The example order of `epoch` (int32 (N,)), identical on every call."""
-        return self.sampler.epoch_permutation(epoch)
-
-    def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
-        """The batch for global `step`, given the current epoch's `order`. Traceable."""
-        return self.sampler.batch_at(arrays, order, step)
 
     @property
     def program(self) -> BatchSampler:

@@ -293,14 +293,6 @@ class RandomWindows:
         self.program = WindowSampler(seed, self.num_examples, batch_size, seq_len)
         self.arrays = {"ids": jax.device_put(ids.astype(np.int32))}
 
-    def epoch_permutation(self, epoch: jax.Array) -> jax.Array:
-        """No per-epoch order: windows are drawn per step. A placeholder the loop carries."""
-        return jnp.zeros((), jnp.int32)
-
-    def batch_at(self, arrays: Mapping[str, jax.Array], order: jax.Array, step: jax.Array):
-        """The batch of global `step` (traceable; `order` is unused)."""
-        return self.take_batch(arrays, self.chunk_indices(step, 1)[0])
-
     def chunk_indices(self, first_step: jax.Array, length: int) -> jax.Array:
         """Window starts, int32 (length, batch_size), of steps `first_step + i`. Traceable."""
         return self.program.chunk_indices(first_step, length)
