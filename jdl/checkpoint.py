@@ -283,6 +283,20 @@ class Checkpointer:
             loaded = loaded.replace(ema=jax.tree.map(lambda p: p.copy(), params))
         return loaded
 
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """The shape of every array saved at `step`, by path ("params/head/kernel", ...),
+        read from the checkpoint's metadata without reading any array."""
+        with _quiet_library_logs():
+            return _shapes_by_path(self._manager.item_metadata(step)[STATE_ITEM])
+
+    def run_state(self, step: int) -> dict:
+        """The run state saved with the checkpoint at `step` (best tracking, eval history,
+        ...; {} for checkpoints without one), read without reading any array."""
+        items, read_json = self._json_items(step)
+        with _quiet_library_logs():
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return read_json(restored)[1]
+
     def _restore_with_fallback(self, step: int | None, read: Callable[[int], Restored]):
         # Before the first read: a failed read reports from other threads right away.
         _drop_closed_event_loop_reports()
@@ -578,18 +592,60 @@ def _metric_value(metrics: dict | None, name: str) -> float:
     return math.nan if value is None else float(value)
 
 
+class BestTracker:
+    """The best evaluation by one metric, and how many evaluations since it improved.
+
+    The one rule of "best" in jdl, used by the checkpointer (which checkpoint to keep) and
+    by evaluation hooks (best result, early stopping): strictly better only, so on a tie
+    the first step that reached the value stays best; a NaN or missing value is never
+    best (it counts as an evaluation without improvement).
+
+    Attributes:
+      best: {"step": step, **metrics} of the best evaluation, or None before one.
+      since_best: evaluations since the best one.
+      improved: whether the latest `update` set a new best.
+    """
+
+    def __init__(self, metric: str, mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.best: dict | None = None
+        self.since_best = 0
+        self.improved = False
+
+    def update(self, step: int, metrics: dict | None) -> bool:
+        """Takes the evaluation of `step`; returns whether it is the new best."""
+        value = _metric_value(metrics, self.metric)
+        self.improved = not math.isnan(value) and (
+            self.best is None
+            or (
+                value > self.best[self.metric]
+                if self.mode == "max"
+                else value < self.best[self.metric]
+            )
+        )
+        if self.improved:
+            self.best, self.since_best = {"step": step, **(metrics or {})}, 0
+        else:
+            self.since_best += 1
+        return self.improved
+
+    def dump(self) -> dict:
+        """JSON-able state (saved with checkpoints so early stopping survives a resume)."""
+        return {"best": self.best, "since_best": self.since_best}
+
+    def load(self, saved: dict) -> None:
+        self.best = saved.get("best", self.best)
+        self.since_best = saved.get("since_best", self.since_best)
+
+
 def _first_best(scored: Sequence[tuple[int, dict | None]], name: str, mode: str) -> int | None:
-    """The oldest step with the best `name` among (step, metrics) pairs; NaNs and
-    checkpoints without the metric never count."""
-    best_step, best_value = None, None
+    """The step `BestTracker` calls best among (step, metrics) pairs, in step order."""
+    tracker = BestTracker(name, mode)
     for step, metrics in sorted(scored, key=lambda pair: pair[0]):
-        value = _metric_value(metrics, name)
-        if math.isnan(value):
-            continue
-        # Strictly better only: on a tie the earlier step stays, as the loop's tracker does.
-        if best_value is None or (value > best_value if mode == "max" else value < best_value):
-            best_step, best_value = step, value
-    return best_step
+        tracker.update(step, metrics)
+    return None if tracker.best is None else tracker.best["step"]
 
 
 @dataclasses.dataclass

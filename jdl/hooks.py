@@ -30,15 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from jdl.checkpoint import BestTracker
 from jdl.errors import UserError
 
-__all__ = ["EvalSet", "Hook", "HookContext", "Profile", "SavePredictions", "StopWhen"]
+__all__ = [
+    "EvalSet",
+    "Hook",
+    "HookContext",
+    "LogTrainMetrics",
+    "Profile",
+    "SavePredictions",
+    "StopWhen",
+    "UnknownMetricError",
+]
 
 
 @dataclasses.dataclass
@@ -51,20 +62,39 @@ class HookContext:
       state: the `TrainState` at `step` (on the device; do not keep it past the call:
         the next chunk donates its buffers).
       train_metrics: means of the train metrics since the previous flush (host floats).
-      eval_metrics: the main evaluation at this step, or None when there was none.
       workdir: the run directory, or None.
       logger: the run's `MetricLogger` (`write(step, {...})`, `message(text)`).
       is_writer: True on the process that writes files (process 0).
+      shardings: the run's placement on its mesh (`jdl.parallel.ChunkShardings`), or None
+        on one device: hooks that compute (evaluations) split their batches with it.
+      evaluations: {name: metrics} of the evaluations run at this step so far (each
+        `EvalSet` adds its own; the main one, `fit`'s `eval_data`, is "eval").
+      stop_reason: why the run stops after this boundary when a hook asked it to (the
+        run is then finished: a rerun returns its result), or None. Hooks later in the
+        list see it.
+      interrupted_by: the signal ("SIGTERM", "SIGINT") that stops the run after this
+        boundary (a rerun resumes it), or None.
     """
 
     step: int
     num_steps: int
     state: Any
     train_metrics: Mapping[str, float]
-    eval_metrics: Mapping[str, float] | None
     workdir: str | None
     logger: Any
     is_writer: bool
+    shardings: Any = None
+    evaluations: dict[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    stop_reason: str | None = None
+    interrupted_by: str | None = None
+
+    @property
+    def eval_metrics(self) -> Mapping[str, float] | None:
+        """The main evaluation at this step (`fit`'s `eval_data`), or None."""
+        return self.evaluations.get(MAIN_EVAL)
+
+
+MAIN_EVAL = "eval"  # the name of `fit`'s own evaluation set
 
 
 class Hook:
@@ -74,7 +104,7 @@ class Hook:
       every: run at every multiple of this step (0: not periodically).
       at: run at these steps too.
       at_end: run at the last step of the run.
-      fn: `fn(context) -> bool | None`, used when `__call__` is not overridden.
+      fn: `fn(context) -> bool | str | None`, used when `__call__` is not overridden.
       name: shown in messages (default: the class name).
     """
 
@@ -84,7 +114,7 @@ class Hook:
         every: int = 0,
         at: Sequence[int] = (),
         at_end: bool = False,
-        fn: Callable[[HookContext], bool | None] | None = None,
+        fn: Callable[[HookContext], bool | str | None] | None = None,
         name: str | None = None,
     ):
         if not isinstance(every, int | np.integer) or every < 0:
@@ -97,8 +127,9 @@ class Hook:
         self.fn = fn
         self.name = name or type(self).__name__
 
-    def __call__(self, context: HookContext) -> bool | None:
-        """Runs the action; returns True to stop the run after this boundary."""
+    def __call__(self, context: HookContext) -> bool | str | None:
+        """Runs the action. Returns True (or a sentence saying why) to stop the run after
+        this boundary; the checkpoint of this step is saved first."""
         if self.fn is None:
             raise NotImplementedError(f"{self.name}: override __call__ or pass fn=")
         return self.fn(context)
@@ -119,6 +150,20 @@ class Hook:
         candidates.extend(s for s in self.at if s > step)
         return min(candidates)
 
+    def wants_call(self, context: HookContext) -> bool:
+        """Whether to call the hook at this boundary: when it is due. A hook that must also
+        act at other boundaries (e.g. saving when the run stops) overrides this; it is
+        only asked at boundaries where some hook is due or the run stops."""
+        return self.is_due(context.step, context.num_steps)
+
+    def state_dict(self) -> dict | None:
+        """What the hook must remember across a resume (JSON-able), saved with every
+        checkpoint under its `name`; None (the default) for a hook with nothing to keep."""
+        return None
+
+    def load_state_dict(self, saved: Mapping) -> None:
+        """Restores what `state_dict` returned, when a run resumes from a checkpoint."""
+
     def on_start(self, context: HookContext) -> None:
         """Called once before the first chunk, with the context of the start step (0, or the
         step a resumed run starts from; no train or eval metrics yet)."""
@@ -132,16 +177,27 @@ class HookError(UserError, ValueError):
 
 
 class EvalSet(Hook):
-    """Evaluates another data set and logs its metrics as `"{name}/{metric}"`.
+    """Evaluates a data set, logs its metrics as `"{name}/{metric}"`, tracks the best.
+
+    `fit`'s own evaluation (`eval_data`, `eval_every`, `best_metric`, ...) is an `EvalSet`
+    named "eval"; add others for more data sets. With `best_metric`, the set tracks its
+    best evaluation (`jdl.checkpoint.BestTracker`: first on a tie, NaN never best) and,
+    with `patience`, stops the run after that many evaluations without a new best: early
+    stopping on any set. Its history and best are saved with each checkpoint, so a
+    resumed run goes on counting where it stopped.
 
     Args:
-      name: prefix of the logged metrics (e.g. "ood", "val2").
+      name: prefix of the logged metrics (e.g. "ood", "val2"); unique among the hooks.
       eval_step: per-example metrics `(state, batch) -> metrics` (`jdl.make_eval_step`).
       data: host arrays {"x", "y", ...}.
       every: evaluate every this many steps; `at_end` (default True) at the last step too.
       batch_size: examples per eval batch (the tail is masked, not dropped).
+      best_metric: the metric that defines the best evaluation (None: no tracking).
+      best_mode: "max" or "min" for `best_metric`.
+      patience: stop after this many evaluations without a new best (0: never).
 
-    After the run, `history` holds one dict per evaluation, with "step".
+    After the run, `history` holds one dict per evaluation, with "step", and `best` the
+    best one (or None).
     """
 
     def __init__(
@@ -153,17 +209,71 @@ class EvalSet(Hook):
         every: int = 0,
         at_end: bool = True,
         batch_size: int = 1000,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        patience: int = 0,
     ):
         super().__init__(every=every, at_end=at_end, name=name)
+        if patience and best_metric is None:
+            raise HookError(f"EvalSet {name!r}: patience needs a best_metric to watch")
         self.eval_step, self.data, self.batch_size = eval_step, data, batch_size
+        self.patience = patience
+        self.tracker = None if best_metric is None else BestTracker(best_metric, best_mode)
         self.history: list[dict[str, float]] = []
 
-    def __call__(self, context: HookContext) -> None:
+    @property
+    def best(self) -> dict | None:
+        return None if self.tracker is None else self.tracker.best
+
+    @property
+    def improved(self) -> bool:
+        """Whether the latest evaluation set a new best."""
+        return self.tracker is not None and self.tracker.improved
+
+    @property
+    def out_of_patience(self) -> bool:
+        return self.patience > 0 and self.tracker.since_best >= self.patience
+
+    def __call__(self, context: HookContext) -> str | None:
         from jdl.loop import make_evaluator  # the loop imports this module
 
-        metrics = make_evaluator(self.eval_step, self.batch_size)(context.state, self.data)
+        evaluate = make_evaluator(self.eval_step, self.batch_size, context.shardings)
+        metrics = evaluate(context.state, self.data)
         context.logger.write(context.step, {f"{self.name}/{k}": v for k, v in metrics.items()})
+        context.evaluations[self.name] = metrics
         self.history.append({"step": context.step, **metrics})
+        if self.tracker is None:
+            return None
+        if self.tracker.metric not in metrics:
+            raise UnknownMetricError(
+                f"best_metric {self.tracker.metric!r} is not an eval metric; the eval step "
+                f"returns {sorted(metrics)}"
+            )
+        self.tracker.update(context.step, metrics)
+        if not self.out_of_patience:
+            return None
+        best = self.tracker.best
+        return (
+            f"early stopping: no better {self.name} {self.tracker.metric} than "
+            f"{best[self.tracker.metric]:.4f} (step {best['step']}) for {self.patience} "
+            "evaluations"
+        )
+
+    def state_dict(self) -> dict:
+        tracker = None if self.tracker is None else self.tracker.dump()
+        return {"history": self.history, "best_tracker": tracker}
+
+    def load_state_dict(self, saved: Mapping) -> None:
+        self.history = [dict(record) for record in saved.get("history", [])]
+        if self.tracker is not None and saved.get("best_tracker"):
+            self.tracker.load(saved["best_tracker"])
+
+
+class UnknownMetricError(UserError, KeyError):
+    """`best_metric` names a metric the eval step does not return."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class SavePredictions(Hook):
@@ -204,6 +314,35 @@ class SavePredictions(Hook):
         self.saved.append(path)
 
 
+class LogTrainMetrics(Hook):
+    """Writes the train metrics (means since the previous log) and the samples per second
+    as `"train/{name}"`, and moves the progress bar. `fit`'s `log_every` makes one.
+
+    Args:
+      every: log every this many steps (and at the last step).
+      batch_size: examples per step, for the samples-per-second rate.
+    """
+
+    def __init__(self, every: int, *, batch_size: int):
+        super().__init__(every=every, at_end=True, name="log")
+        self.batch_size = batch_size
+        self.since: tuple[int, float] = (0, time.perf_counter())
+
+    def on_start(self, context: HookContext) -> None:
+        self.since = (context.step, time.perf_counter())
+
+    def __call__(self, context: HookContext) -> None:
+        first_step, first_time = self.since
+        steps = context.step - first_step
+        rate = steps * self.batch_size / max(time.perf_counter() - first_time, 1e-9)
+        metrics = {f"train/{k}": v for k, v in context.train_metrics.items()}
+        context.logger.write(context.step, metrics | {"train/samples_per_second": rate})
+        context.logger.advance(
+            steps, samples_per_second=rate, loss=context.train_metrics.get("loss")
+        )
+        self.since = (context.step, time.perf_counter())
+
+
 class StopWhen(Hook):
     """Stops the run when `condition(context)` is true: custom early stopping.
 
@@ -218,10 +357,10 @@ class StopWhen(Hook):
 
     def __init__(self, condition: Callable[[HookContext], bool], *, every: int, reason: str = ""):
         super().__init__(every=every, name=reason or "StopWhen")
-        self.condition = condition
+        self.condition, self.reason = condition, reason
 
-    def __call__(self, context: HookContext) -> bool:
-        return bool(self.condition(context))
+    def __call__(self, context: HookContext) -> bool | str:
+        return bool(self.condition(context)) and (self.name if self.reason else True)
 
 
 class Profile(Hook):
@@ -244,6 +383,20 @@ class Profile(Hook):
         super().__init__(at=tuple(s for s in (first - 1, last) if s >= 1))
         self.first, self.last, self.directory = first, last, directory
         self.tracing = False
+
+    def wants_call(self, context: HookContext) -> bool:
+        """Whether to call the hook at this boundary: when it is due. A hook that must also
+        act at other boundaries (e.g. saving when the run stops) overrides this; it is
+        only asked at boundaries where some hook is due or the run stops."""
+        return self.is_due(context.step, context.num_steps)
+
+    def state_dict(self) -> dict | None:
+        """What the hook must remember across a resume (JSON-able), saved with every
+        checkpoint under its `name`; None (the default) for a hook with nothing to keep."""
+        return None
+
+    def load_state_dict(self, saved: Mapping) -> None:
+        """Restores what `state_dict` returned, when a run resumes from a checkpoint."""
 
     def on_start(self, context: HookContext) -> None:
         if context.step == self.first - 1:  # the trace covers the very next chunk

@@ -38,7 +38,16 @@ from jdl.data.pipeline import (
     check_train_data,
 )
 from jdl.errors import UserError
-from jdl.hooks import Hook, HookContext, Profile
+from jdl.hooks import (
+    MAIN_EVAL,
+    EvalSet,
+    Hook,
+    HookContext,
+    HookError,
+    LogTrainMetrics,
+    Profile,
+    UnknownMetricError,  # noqa: F401 - jdl.loop.UnknownMetricError, as before
+)
 from jdl.lock import WorkdirLock
 from jdl.logging import MetricLogger, plot_curves
 from jdl.state import TrainState
@@ -233,164 +242,157 @@ def fit(
         disk); the run stops, earlier checkpoints are intact and a rerun resumes.
     """
     _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
-    hooks = list(hooks) + ([Profile(profile_steps)] if profile_steps else [])
     _check_data(state, train_data, eval_data if eval_step is not None else None)
     state, shardings = parallel.place_for_fit(state, train_data, mesh, sharding_rules)
     started = time.perf_counter()
-    checkpointer, restored = None, None
-    if workdir is not None:
-        checkpointer = Checkpointer(
-            f"{workdir}/checkpoints",
-            max_to_keep=max_to_keep,
-            best_metric=best_metric,
-            best_mode=best_mode,
-        )
-        try:
-            restored = _maybe_resume(checkpointer, state, train_data)
-        except BaseException:
-            checkpointer.close(raise_errors=False)
-            raise
-        state = restored.state if restored is not None else state
-        if jax.process_index() == 0:
-            settings = {
-                "num_steps": num_steps,
-                "batch_size": train_data.batch_size,
-                "eval_every": eval_every,
-                "log_every": log_every,
-                "checkpoint_every": checkpoint_every,
-                "best_metric": best_metric or "",
-                "steps_per_dispatch": steps_per_dispatch,
-            }
-            _write_start_records(workdir, run_config or settings, fresh=restored is None)
-    run = _RunRecord.load(
-        restored.run_state if restored else {},
-        restored.data_state if restored else {},
-        tracker=_BestTracker(best_metric, best_mode, early_stopping_patience),
+    main_eval = None
+    if eval_step is not None and eval_data is not None:  # fit's own evaluation is a hook too
+        main_eval = EvalSet(
+            MAIN_EVAL, eval_step, eval_data, every=eval_every, batch_size=eval_batch_size,
+            best_metric=best_metric, best_mode=best_mode, patience=early_stopping_patience,
+        )  # fmt: skip
+    hooks = _with_standard_hooks(hooks, main_eval, log_every, train_data.batch_size, profile_steps)
+    settings = dict(num_steps=num_steps, batch_size=train_data.batch_size, eval_every=eval_every)
+    settings |= dict(log_every=log_every, checkpoint_every=checkpoint_every)
+    settings |= dict(best_metric=best_metric or "", steps_per_dispatch=steps_per_dispatch)
+    checkpointer, restored = _open_workdir(
+        workdir, state, train_data, run_config or settings, max_to_keep, best_metric, best_mode
     )
-    start_step = int(state.step)
-    if restored is not None and (start_step >= num_steps or run.tracker.should_stop):
-        if checkpointer is not None:
-            checkpointer.close()
-        train_data.close()
-        result = run.result(state, start_step, time.perf_counter() - started, finished=True)
-        _write_final(workdir, result)
-        return result
+    run = _Run(hooks, main_eval, restored, state, started)
+    if restored is not None and (run.step >= num_steps or run.stop_reason):
+        _close_run((), checkpointer, None, train_data, failed=False)
+        return _finish(workdir, run.result(finished=True), plot=False)
+    saver = _GuardedSaver(checkpointer, train_data, run.state, run.step)
+    if checkpointer is not None:  # last: it saves every other hook's state of the step
+        hooks.append(_SaveCheckpoints(saver, checkpoint_every, hooks=hooks[:], main_eval=main_eval))
     logger = MetricLogger(
-        workdir,
-        total_steps=num_steps,
-        start_step=start_step,
-        progress=progress,
+        workdir, total_steps=num_steps, start_step=run.step, progress=progress,
         enabled=jax.process_index() == 0,
-    )
+    )  # fmt: skip
     if restored is not None:
-        logger.message(f"resumed from the checkpoint at step {start_step}")
+        logger.message(f"resumed from the checkpoint at step {run.step}")
     _warn_if_schedule_is_shorter(train_step, num_steps, logger)
     run_chunk = make_chunk_runner(train_step, train_data, steps_per_dispatch, unroll, shardings)
-    run_eval = None
-    if eval_step is not None:
-        run_eval = make_evaluator(eval_step, eval_batch_size, shardings)
-    saver = _GuardedSaver(checkpointer, train_data, state, start_step)
-    pending: list[tuple[Metrics, int, int]] = []
-    step, interval_start, interval_time = start_step, start_step, time.perf_counter()
-    stopped_by: str | None = None  # the hook that asked to stop
+    context = functools.partial(
+        HookContext, num_steps=num_steps, workdir=workdir, logger=logger,
+        is_writer=jax.process_index() == 0, shardings=shardings,
+    )  # fmt: skip
     failed = True
     try:
-        context = functools.partial(
-            HookContext,
-            num_steps=num_steps,
-            workdir=workdir,
-            logger=logger,
-            is_writer=jax.process_index() == 0,
-        )
-        for hook in hooks:
-            hook.on_start(context(step=step, state=state, train_metrics={}, eval_metrics=None))
         with _StopSignals(enabled=workdir is not None) as signals:
-            while step < num_steps and not run.tracker.should_stop and stopped_by is None:
-                stop = _next_boundary(
-                    step, num_steps, steps_per_dispatch, log_every, eval_every, checkpoint_every
-                )
-                stop = min([stop] + [hook.next_due(step, num_steps) for hook in hooks])
-                inputs = train_data.chunk_inputs(stop - step, steps_per_dispatch)
-                state, chunk_metrics = run_chunk(state, inputs, jnp.int32(stop))
-                pending.append((chunk_metrics, step, stop - step))
-                step = stop
-                is_last = step == num_steps
-                log_now = _due(step, log_every) or is_last
-                eval_now = run_eval is not None and eval_data is not None
-                eval_now = eval_now and (_due(step, eval_every) or is_last)
-                save_due = checkpointer is not None and (_due(step, checkpoint_every) or is_last)
-                due_hooks = [hook for hook in hooks if hook.is_due(step, num_steps)]
-                sync_point = log_now or eval_now or save_due or bool(due_hooks)
-                signum = signals.requested(at_sync_point=sync_point)
-                if sync_point or signum:
-                    flushed = _flush_or_explain(pending, saver)  # host sync; raises on NaN
-                    pending = []
-                    run.train_metrics = flushed.means
-                    saver.note_param_norm(flushed.last.get("param_norm"))
-                if log_now:
-                    elapsed = time.perf_counter() - interval_time
-                    rate = (step - interval_start) * train_data.batch_size / max(elapsed, 1e-9)
-                    logger.write(
-                        step,
-                        {f"train/{k}": v for k, v in run.train_metrics.items()}
-                        | {"train/samples_per_second": rate},
-                    )
-                    logger.advance(
-                        step - interval_start,
-                        samples_per_second=rate,
-                        loss=run.train_metrics.get("loss"),
-                    )
-                    interval_start, interval_time = step, time.perf_counter()
-                eval_metrics = None
-                if eval_now:  # even when stopping: a resumed run would not redo it
-                    eval_metrics = run_eval(state, eval_data)
-                    logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    run.add_eval(step, eval_metrics)
-                for hook in due_hooks:
-                    at = context(
-                        step=step,
-                        state=state,
-                        train_metrics=run.train_metrics,
-                        eval_metrics=eval_metrics,
-                    )
-                    if hook(at) and stopped_by is None:
-                        stopped_by = hook.name
-                new_best = eval_metrics is not None and run.tracker.improved
-                stopping = run.tracker.should_stop or stopped_by is not None
-                if checkpointer is not None and (save_due or stopping or new_best or signum):
-                    saver.save(step, state, run, eval_metrics)
-                if signum:
-                    saver.wait()  # the checkpoint is whole on disk before the process goes
-                    logger.message(
-                        f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
-                        "saved; run the same command to resume"
-                    )
-                    raise RunInterrupted(signum, step, step)
-        if run.tracker.should_stop:
-            best = run.tracker.best
-            logger.message(
-                f"early stopping at step {step}: no better eval {best_metric} than "
-                f"{best[best_metric]:.4f} (step {best['step']}) for "
-                f"{early_stopping_patience} evaluations"
-            )
-        if stopped_by is not None:
-            logger.message(f"stopped at step {step}: hook {stopped_by} asked to stop")
+            _train(run, run_chunk, train_data, steps_per_dispatch, hooks, context, signals, saver)
+        if run.stop_reason is not None:
+            logger.message(f"stopped at step {run.step}: {run.stop_reason}")
         failed = False
     finally:
-        for hook in hooks:
-            hook.close()
-        if checkpointer is not None:
-            # Waits for async writes: the last good checkpoint is whole. After a failure
-            # its own errors are only logged, so they cannot mask the first one.
-            checkpointer.close(raise_errors=not failed)
+        _close_run(hooks, checkpointer, logger, train_data, failed=failed)
+    return _finish(workdir, run.result(finished=False), plot=True)
+
+
+def _train(run, run_chunk, data, steps_per_dispatch, hooks, context, signals, saver) -> None:
+    """The loop: fused chunks between the boundaries the hooks ask for; at each boundary
+    where a hook is due (or a signal arrived), the metrics are read back and the hooks
+    called in order. Raises `RunInterrupted` after saving when a signal arrived."""
+    num_steps = context.keywords["num_steps"]
+    for hook in hooks:
+        hook.on_start(context(step=run.step, state=run.state, train_metrics={}))
+    while run.step < num_steps and run.stop_reason is None:
+        stop = min(
+            [run.step + steps_per_dispatch] + [h.next_due(run.step, num_steps) for h in hooks]
+        )
+        inputs = data.chunk_inputs(stop - run.step, steps_per_dispatch)
+        state, metrics = run_chunk(run.state, inputs, jnp.int32(stop))
+        run.advance(state, metrics, stop)
+        due = any(hook.is_due(stop, num_steps) for hook in hooks)
+        signum = signals.requested(at_sync_point=due)
+        if not (due or signum):
+            continue  # no host sync: the next chunk is queued behind this one
+        run.flush(saver)  # a host sync; raises on a NaN loss
+        at = context(step=stop, state=state, train_metrics=run.train_metrics)
+        at.interrupted_by = signal.Signals(signum).name if signum else None
+        run.call_hooks(hooks, at)
+        if signum:
+            saver.wait()  # the checkpoint is whole on disk before the process goes
+            at.logger.message(
+                f"stopped by {at.interrupted_by} at step {stop}; checkpoint saved; run the "
+                "same command to resume"
+            )
+            raise RunInterrupted(signum, stop, stop)
+
+
+def _with_standard_hooks(hooks, main_eval, log_every, batch_size, profile_steps) -> list[Hook]:
+    """fit's keywords as hooks around the user's, in calling order:
+    logging, the main evaluation, the user's hooks, profiling (the checkpoint hook is
+    added last once the workdir is open)."""
+    hooks = [
+        LogTrainMetrics(log_every, batch_size=batch_size),
+        *([main_eval] if main_eval else []),
+        *hooks,
+        *([Profile(profile_steps)] if profile_steps else []),
+    ]
+    _check_hook_names(hooks)
+    return hooks
+
+
+def _close_run(hooks, checkpointer, logger, data, *, failed: bool) -> None:
+    for hook in hooks:
+        hook.close()
+    if checkpointer is not None:
+        # Waits for async writes: the last good checkpoint is whole. After a failure
+        # its own errors are only logged, so they cannot mask the first one.
+        checkpointer.close(raise_errors=not failed)
+    if logger is not None:
         logger.close()
-        train_data.close()  # stops a stream's prefetch thread
-    result = run.result(state, step, time.perf_counter() - started, finished=False)
-    result.stopped_early = result.stopped_early or stopped_by is not None
+    data.close()  # stops a stream's prefetch thread
+
+
+def _finish(workdir: str | None, result: FitResult, *, plot: bool) -> FitResult:
     if workdir is not None and jax.process_index() == 0:
-        plot_curves(workdir)
+        if plot:
+            plot_curves(workdir)
         _write_final(workdir, result)
     return result
+
+
+def _check_hook_names(hooks: Sequence[Hook]) -> None:
+    """Hooks that keep state are saved under their names: these must differ."""
+    names = [hook.name for hook in hooks if hook.state_dict() is not None]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise HookError(
+            f"two hooks keep state under the same name {twice[0]!r} (fit's own evaluation "
+            f"is {MAIN_EVAL!r}); give them different names"
+        )
+
+
+def _open_workdir(
+    workdir: str | None,
+    state: TrainState,
+    data: TrainData,
+    config: Mapping,
+    max_to_keep: int,
+    best_metric: str | None,
+    best_mode: str,
+) -> tuple[Checkpointer | None, Restored | None]:
+    """The run's checkpointer and the checkpoint it resumes from (None, None without a
+    workdir). The start records are written after the restore checks passed, so a
+    refused resume changes nothing."""
+    if workdir is None:
+        return None, None
+    checkpointer = Checkpointer(
+        f"{workdir}/checkpoints",
+        max_to_keep=max_to_keep,
+        best_metric=best_metric,
+        best_mode=best_mode,
+    )
+    try:
+        restored = _maybe_resume(checkpointer, state, data)
+    except BaseException:
+        checkpointer.close(raise_errors=False)
+        raise
+    if jax.process_index() == 0:
+        _write_start_records(workdir, config, fresh=restored is None)
+    return checkpointer, restored
 
 
 def make_chunk_runner(
@@ -699,47 +701,108 @@ class _StopSignals:
         return int(np.max(flags)) or None
 
 
-class _RunRecord:
-    """What a run remembers besides its state: best evaluation and early-stopping count,
-    every evaluation so far and the latest train metrics. Saved as each checkpoint's
-    run item, so a resumed or finished run reports the whole history."""
+class _Run:
+    """Where a run stands: its state and step, the train metrics not yet flushed, the
+    latest flushed means, why it stopped, and its hooks' remembered state (restored
+    from the checkpoint a run resumes from).
 
-    def __init__(self, tracker: _BestTracker, eval_history: list, train_metrics: dict):
-        self.tracker = tracker
-        self.eval_history = eval_history
-        self.train_metrics = train_metrics
+    A checkpoint's run item is `{"train_metrics", "stopped", "hooks": {name: state}}`;
+    older checkpoints kept the main evaluation's history and best at its top level (and
+    before that, the best in the data position): they load the same."""
 
-    @classmethod
-    def load(cls, run_state: Mapping, data_state: Mapping, *, tracker: _BestTracker):
-        # Checkpoints written before the run item kept the tracker in the data position.
-        tracker.load(run_state.get("best_tracker", data_state.get("best_tracker", {})))
-        history = [dict(record) for record in run_state.get("eval_history", [])]
-        return cls(tracker, history, dict(run_state.get("train_metrics", {})))
-
-    def dump(self) -> dict:
-        return jsonio.to_json_safe(
-            {
-                "best_tracker": self.tracker.dump(),
-                "eval_history": self.eval_history,
-                "train_metrics": self.train_metrics,
+    def __init__(self, hooks, main_eval: EvalSet | None, restored, state, started: float):
+        run_state = restored.run_state if restored is not None else {}
+        data_state = restored.data_state if restored is not None else {}
+        self.state = restored.state if restored is not None else state
+        self.step = int(self.state.step)
+        self.main_eval, self.started = main_eval, started
+        self.train_metrics = dict(run_state.get("train_metrics", {}))
+        self.stop_reason: str | None = run_state.get("stopped")
+        self.pending: list[tuple[Metrics, int, int]] = []
+        saved = run_state.get("hooks")
+        if saved is None:  # an older layout
+            tracker = run_state.get("best_tracker", data_state.get("best_tracker", {}))
+            saved = {
+                MAIN_EVAL: {"history": run_state.get("eval_history", []), "best_tracker": tracker}
             }
-        )
+        for hook in hooks:
+            if hook.name in saved and hook.state_dict() is not None:
+                hook.load_state_dict(saved[hook.name])
+        if main_eval is not None and main_eval.tracker is not None and main_eval.out_of_patience:
+            self.stop_reason = self.stop_reason or "early stopping"  # an older layout's stop
 
-    def add_eval(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.eval_history.append({"step": step, **metrics})
-        self.tracker.update(step, metrics)
+    def advance(self, state: TrainState, metrics: Metrics, step: int) -> None:
+        """Takes a chunk's result (nothing read back from the device)."""
+        self.pending.append((metrics, self.step, step - self.step))
+        self.state, self.step = state, step
 
-    def result(self, state: TrainState, step: int, seconds: float, *, finished: bool):
+    def flush(self, saver: _GuardedSaver) -> None:
+        """Reads the pending metrics back (a host sync); raises on a NaN loss."""
+        flushed = _flush_or_explain(self.pending, saver)
+        self.pending = []
+        self.train_metrics = flushed.means
+        saver.note_param_norm(flushed.last.get("param_norm"))
+
+    def call_hooks(self, hooks: Sequence[Hook], context: HookContext) -> None:
+        """Calls, in order, the hooks that want this boundary; the first that asks to stop
+        sets the stop reason (later hooks see it, the checkpoint hook saves for it)."""
+        for hook in hooks:
+            if not hook.wants_call(context):
+                continue
+            said = hook(context)
+            if said and context.stop_reason is None:
+                context.stop_reason = (
+                    said if isinstance(said, str) else (f"hook {hook.name} asked to stop")
+                )
+        self.stop_reason = context.stop_reason
+
+    def result(self, *, finished: bool) -> FitResult:
+        main = self.main_eval
         return FitResult(
-            state=state,
-            step=step,
+            state=self.state,
+            step=self.step,
             train_metrics=dict(self.train_metrics),
-            eval_history=list(self.eval_history),
-            best=self.tracker.best,
-            stopped_early=self.tracker.should_stop,
-            seconds=seconds,
+            eval_history=list(main.history) if main is not None else [],
+            best=main.best if main is not None else None,
+            stopped_early=self.stop_reason is not None,
+            seconds=time.perf_counter() - self.started,
             was_finished=finished,
         )
+
+
+def _run_item(context: HookContext, hooks: Sequence[Hook]) -> dict:
+    """A checkpoint's run item: the latest train metrics, why the run stopped (None while
+    it goes on) and the state of every hook that keeps some, by name."""
+    states = {hook.name: hook.state_dict() for hook in hooks}
+    return jsonio.to_json_safe(
+        {
+            "train_metrics": dict(context.train_metrics),
+            "stopped": context.stop_reason,
+            "hooks": {name: state for name, state in states.items() if state is not None},
+        }
+    )
+
+
+class _SaveCheckpoints(Hook):
+    """Saves a checkpoint every `every` steps, at the end, at a new best of the main
+    evaluation, and whenever the run stops (a hook asked, a signal arrived). It comes
+    last, so the run item it saves holds every hook's state of this step."""
+
+    def __init__(
+        self, saver: _GuardedSaver, every: int, *, hooks: Sequence[Hook], main_eval: EvalSet | None
+    ):
+        super().__init__(every=every, at_end=True, name="checkpoint")
+        self.saver, self.hooks, self.main_eval = saver, hooks, main_eval
+
+    def wants_call(self, context: HookContext) -> bool:
+        main = self.main_eval
+        new_best = main is not None and MAIN_EVAL in context.evaluations and main.improved
+        stopping = context.stop_reason is not None or context.interrupted_by is not None
+        return super().wants_call(context) or new_best or stopping
+
+    def __call__(self, context: HookContext) -> None:
+        run_item = _run_item(context, self.hooks)
+        self.saver.save(context.step, context.state, run_item, context.eval_metrics)
 
 
 class _GuardedSaver:
@@ -763,7 +826,7 @@ class _GuardedSaver:
     def note_param_norm(self, norm: float | None) -> None:
         self.last_norm = norm
 
-    def save(self, step: int, state: TrainState, run: _RunRecord, eval_metrics) -> None:
+    def save(self, step: int, state: TrainState, run_state: dict, eval_metrics) -> None:
         norm = self.last_norm if self.last_norm is not None else _global_norm(state.params)
         reference_step, reference = self.reference
         if not (np.isfinite(norm) and norm <= EXPLODED_NORM_RATIO * max(reference, 1.0)):
@@ -776,7 +839,7 @@ class _GuardedSaver:
             step,
             state,
             data_state=jsonio.to_json_safe(self.data.data_state(step)),
-            run_state=run.dump(),
+            run_state=run_state,
             metrics=eval_metrics,
         )
         self.reference, self.last_norm = (step, norm), None
@@ -856,56 +919,6 @@ def _flush_train_metrics(pending: list[tuple[Metrics, int, int]]) -> _Flushed:
             finite = values[np.isfinite(values)]
             means[name] = float(finite.mean()) if finite.size else float("nan")
     return _Flushed(means=means, last=last)
-
-
-class _BestTracker:
-    """Remembers the best evaluation and counts evaluations without improvement.
-
-    A tie is not an improvement: the best is the first step that reached the best value
-    (the checkpointer keeps that same step).
-    """
-
-    def __init__(self, metric: str | None, mode: str, patience: int):
-        self.metric, self.mode, self.patience = metric, mode, patience
-        self.best: dict[str, float] | None = None
-        self.since_best = 0
-        self.improved = False  # did the latest update set a new best?
-
-    def dump(self) -> dict:
-        """JSON-able state, saved with checkpoints so early stopping survives a resume."""
-        return {"best": self.best, "since_best": self.since_best}
-
-    def load(self, saved: Mapping) -> None:
-        self.best = saved.get("best", self.best)
-        self.since_best = saved.get("since_best", self.since_best)
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.since_best >= self.patience
-
-    def update(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self.metric is None:
-            return
-        if self.metric not in metrics:
-            raise UnknownMetricError(
-                f"best_metric {self.metric!r} is not an eval metric; the eval step returns "
-                f"{sorted(metrics)}"
-            )
-        value = metrics[self.metric]
-        self.improved = better = self.best is None or (
-            value > self.best[self.metric] if self.mode == "max" else value < self.best[self.metric]
-        )
-        if better:
-            self.best, self.since_best = {"step": step, **metrics}, 0
-        else:
-            self.since_best += 1
-
-
-class UnknownMetricError(UserError, KeyError):
-    """`best_metric` names a metric the eval step does not return."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 def _check_data(state: TrainState, train_data, eval_data: Mapping | None) -> None:
@@ -1018,18 +1031,6 @@ def _write_final(workdir: str | None, result: FitResult) -> None:
     )
     record.pop(jsonio.NONFINITE_KEY, None)
     jsonio.write_json(path, record)
-
-
-def _next_boundary(step: int, num_steps: int, chunk: int, *intervals: int) -> int:
-    stop = min(num_steps, step + chunk)
-    for every in intervals:
-        if every > 0:
-            stop = min(stop, (step // every + 1) * every)
-    return stop
-
-
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
 
 
 def _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch):

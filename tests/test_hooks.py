@@ -152,3 +152,110 @@ def test_experiments_take_profile_steps_from_the_config(tmp_path):
     assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
     with pytest.raises(SystemExit, match="profile_steps"):
         mnist_mlp.main(["--config.profile_steps=(9, 3)", f"--workdir={tmp_path / 'bad'}"])
+
+
+# --- fit's own periodic work is hooks: evaluation, best tracking, saved hook state -----
+
+_CONSTANT_EVAL = lambda state, batch: {"const": jax.numpy.ones(batch["y"].shape)}  # noqa: E731
+
+
+def test_an_eval_set_with_patience_stops_the_run_and_keeps_counting_across_a_resume(tmp_path):
+    """The metric never improves after its first value (a tie is no improvement): with
+    patience 2 the run stops two evaluations later — also when it was resumed between
+    them, because the set's count is saved with the checkpoint."""
+    ood = _blobs(n=40, seed=5)
+
+    def watched():
+        return EvalSet("ood", _CONSTANT_EVAL, ood, every=5, best_metric="const", patience=2)
+
+    straight = _fit(num_steps=40, hooks=[watched()])
+    assert straight.stopped_early and straight.step == 15
+    first = watched()
+    _fit(tmp_path, num_steps=10, hooks=[first])
+    assert [h["step"] for h in first.history] == [5, 10] and first.tracker.since_best == 1
+    second = watched()
+    resumed = _fit(tmp_path, num_steps=40, hooks=[second])
+    assert resumed.stopped_early and resumed.step == 15
+    assert [h["step"] for h in second.history] == [5, 10, 15]
+    assert second.best["step"] == 5
+    again = _fit(tmp_path, num_steps=40, hooks=[watched()])  # a stopped run is finished
+    assert again.was_finished and again.step == 15 and again.stopped_early
+
+
+def test_a_user_hook_state_is_saved_with_each_checkpoint_and_restored():
+    class CountCalls(Hook):
+        def __init__(self):
+            super().__init__(every=5, name="count")
+            self.calls = 0
+
+        def __call__(self, context):
+            self.calls += 1
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, saved):
+            self.calls = saved["calls"]
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        first = CountCalls()
+        _fit(workdir, num_steps=10, hooks=[first])
+        assert first.calls == 2
+        second = CountCalls()
+        _fit(workdir, num_steps=20, hooks=[second])
+        assert second.calls == 4  # 2 restored + steps 15 and 20
+
+
+def test_hooks_that_keep_state_need_distinct_names():
+    ood = _blobs(n=40, seed=5)
+    with pytest.raises(HookError, match="'ood'"):
+        _fit(hooks=[EvalSet("ood", _EVAL_STEP, ood, every=5), EvalSet("ood", _EVAL_STEP, ood)])
+    with pytest.raises(HookError, match="'eval'"):
+        _fit(eval_step=_EVAL_STEP, eval_data=ood, hooks=[EvalSet("eval", _EVAL_STEP, ood)])
+    with pytest.raises(HookError, match="patience needs a best_metric"):
+        EvalSet("ood", _EVAL_STEP, ood, patience=3)
+
+
+def test_one_rule_of_best_for_the_loop_and_the_checkpointer(tmp_path):
+    """A tie keeps the first step and a NaN is never best, in `BestTracker` and in what
+    the checkpointer keeps and names best."""
+    from jdl.checkpoint import BestTracker
+
+    values = [0.5, 0.7, float("nan"), 0.7, 0.6]
+    tracker = BestTracker("accuracy", "max")
+    improved = [tracker.update(step, {"accuracy": v}) for step, v in enumerate(values, 1)]
+    assert improved == [True, True, False, False, False]
+    assert tracker.best["step"] == 2 and tracker.since_best == 3
+    nan_first = BestTracker("loss", "min")
+    assert not nan_first.update(1, {"loss": float("nan")}) and nan_first.best is None
+    checkpointer = jdl.Checkpointer(tmp_path, max_to_keep=1, best_metric="accuracy")
+    state = _state()
+    for step, value in enumerate(values, 1):
+        checkpointer.save(step, state.params, metrics={"accuracy": value})
+    checkpointer.wait()
+    assert checkpointer.best_step() == tracker.best["step"]
+    assert 2 in checkpointer.all_steps()
+    checkpointer.close()
+
+
+def test_checkpoints_of_the_older_run_layout_resume_with_their_eval_history(tmp_path):
+    """Before hooks kept their own state, the main evaluation's history and best were
+    the top level of the run item: such a checkpoint resumes with them."""
+    eval_data = _blobs(n=60, seed=9)
+    options = dict(eval_step=_EVAL_STEP, eval_data=eval_data, eval_every=5, best_metric="accuracy")
+    _fit(tmp_path, num_steps=10, **options)
+    path = tmp_path / "checkpoints" / "10" / "manifest" / "metadata"
+    manifest = json.loads(path.read_text())
+    saved = manifest["run"]["hooks"]["eval"]
+    manifest["run"] = {
+        "best_tracker": saved["best_tracker"],
+        "eval_history": saved["history"],
+        "train_metrics": manifest["run"]["train_metrics"],
+    }
+    path.write_text(json.dumps(manifest))
+    resumed = _fit(tmp_path, num_steps=20, **options)
+    assert [e["step"] for e in resumed.eval_history] == [5, 10, 15, 20]
+    straight = _fit(num_steps=20, **options)
+    assert resumed.eval_history == straight.eval_history and resumed.best == straight.best
