@@ -24,12 +24,14 @@ replace their weights; its values do not matter.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import nnx
+
+if TYPE_CHECKING:
+    import qwix
 
 # The ops of dense layers; convolutions are named "conv_general_dilated".
 DENSE_OPS = ("dot_general", "einsum", "dot")
@@ -50,6 +52,8 @@ def int8_rules(
     Returns:
       A one-rule list for `qwix.PtqProvider` / `qwix.QtProvider`.
     """
+    import qwix  # on first use: importing qwix is slow, and `import jdl` must not pay for it
+
     rule_type = qwix.QtRule if qat else qwix.QuantizationRule
     return [
         rule_type(
@@ -76,6 +80,8 @@ def quantize_ptq(
       The quantized model in eval mode. Its `nnx.Param`s hold int8 `qvalue`s and float32
       `scale`s; `nnx.split` / `nnx.merge` and `jax.jit` work as for any NNX model.
     """
+    import qwix
+
     provider = qwix.PtqProvider(int8_rules(activations=activations, module_path=module_path))
     model = nnx.clone(model)
     model.eval()
@@ -100,6 +106,8 @@ def quantize_qat(
       activations: simulate int8 activations too (match `quantize_ptq`'s mode).
       module_path: regex of the layers to quantize.
     """
+    import qwix
+
     provider = qwix.QtProvider(
         int8_rules(activations=activations, module_path=module_path, qat=True)
     )

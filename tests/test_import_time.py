@@ -1,0 +1,51 @@
+"""`import jdl` leaves optional heavy libraries unimported; the import-time benchmark runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import import_time
+
+# Imported only by the features that need them: each costs seconds or pulls in a framework.
+OPTIONAL = ("qwix", "transformers", "torch", "tensorboard", "matplotlib")
+
+
+def _modules_after(statement: str) -> set[str]:
+    """Top-level names in `sys.modules` after running `statement` in a fresh interpreter."""
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    )
+    return {name.split(".")[0] for name in json.loads(result.stdout.splitlines()[-1])}
+
+
+def test_import_jdl_does_not_import_optional_heavy_libraries():
+    loaded = _modules_after("import jdl")
+    assert "jdl" in loaded  # the probe sees what the import brought in
+    assert sorted(loaded & set(OPTIONAL)) == []
+
+
+def test_quantize_imports_qwix_on_first_use():
+    # The probe above must not pass just because qwix is missing or never loads.
+    assert "qwix" not in _modules_after("from jdl.techniques import quantize")
+    assert "qwix" in _modules_after(
+        "from jdl.techniques import quantize; quantize.int8_rules(activations=False)"
+    )
+
+
+def test_benchmark_reports_medians_and_their_ratio(capsys):
+    figures = import_time.main(["--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("FINAL ")
+    assert json.loads(lines[-1][len("FINAL ") :]) == figures
+    assert figures["jax_s"] > 0 and figures["jdl_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["jdl_s"] / figures["jax_s"], rel=0.01)
+    assert [line.split()[1] for line in lines[:3]] == [
+        "import=jax",
+        "import=jdl",
+        "jdl_over_jax=" + f"{figures['ratio']:.3f}",
+    ]
