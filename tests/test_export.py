@@ -197,3 +197,17 @@ def test_api_errors(tmp_path):
     (tmp_path / "junk.shlo").write_bytes(b"not an export")
     with pytest.raises(ValueError, match="not a serialized jax.export model"):
         jdl.export.load(tmp_path / "junk.shlo")
+
+
+def test_inference_benchmark_quick_run_reports_every_runtime_and_ratios(capsys):
+    from benchmarks import inference
+
+    results = inference.main(["--quick", "--formats=stablehlo"])
+    output = capsys.readouterr().out
+    for batch in inference.BATCH_SIZES:
+        assert set(results["latency_ms"][batch]) == {"jdl jit", "stablehlo", "torch eager"}
+        assert f"batch {batch}: median of 3 calls" in output
+    assert output.count("x jdl jit") == 3 * len(inference.BATCH_SIZES)
+    # The hand-written torch twin computes the same network with the copied weights.
+    gaps = [float(line.split("=")[-1]) for line in output.splitlines() if "max |output" in line]
+    assert len(gaps) == 3 and max(gaps) < 1e-4
