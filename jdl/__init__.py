@@ -20,6 +20,7 @@ from jdl import (
 )
 from jdl.checkpoint import (
     BestMetricError,
+    BestTracker,
     CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
@@ -79,6 +80,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchSizeError",
     "BestMetricError",
+    "BestTracker",
     "CharVocab",
     "CheckpointCorruptError",
     "CheckpointMismatchError",

@@ -6,7 +6,8 @@ Each checkpoint is one Orbax step folder holding two items:
 - "manifest": one small JSON dict with everything else:
   - "data": the position in the data, so that a resumed run sees exactly the batches an
     uninterrupted run would have seen;
-  - "run": run state (best tracking, early stopping, eval history, ...);
+  - "run": run state (the last train metrics, why a run stopped, the hooks' own state:
+    evaluation history, best, early-stopping count);
   - "checksums" (unless saved with `checksums=False`): for every array of "state", its
     dtype and two 32-bit integer checksums, computed when saved and verified when
     restored.

@@ -541,11 +541,8 @@ def _run_steps(one_step: Callable, state: TrainState, xs, stop, length: int, unr
         state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return state, jax.tree.map(lambda value: jnp.where(active, value, 0), metrics)
 
-    per_step = []
-    for i in range(length):
-        state, metrics = masked_step(state, jax.tree.map(lambda x, i=i: x[i], xs))
-        per_step.append(metrics)
-    return state, jax.tree.map(lambda *values: jnp.stack(values), *per_step)
+    # Fully unrolled: XLA removes the one-trip loop, leaving the steps written out.
+    return jax.lax.scan(masked_step, state, xs, length=length, unroll=True)
 
 
 def _run_steps_while(one_step: Callable, state: TrainState, xs, stop, length: int, unroll: int):

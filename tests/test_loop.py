@@ -317,3 +317,29 @@ def test_run_record_written(tmp_path):
     assert run["devices"] and run["argv"] == ["--config.seed=3"]
     assert "commit" in run["git"]
     assert run["compiler_options"] == jdl.compiler.compiler_options()
+
+
+def test_a_written_out_chunk_is_a_fully_unrolled_scan_with_no_loop_left():
+    # lax.scan(unroll=True): XLA drops the one-trip loop, so the compiled chunk holds its
+    # steps as straight-line code (what convolutions need on XLA:CPU), while a rolled
+    # chunk (unroll=1) keeps a while loop over the steps. (Loops inside a step, such as
+    # the CPU's random-bits kernels, are the step's own and not counted.)
+    import re
+
+    data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
+    train_step = jdl.make_train_step(jdl.classification_loss())
+    state = _state()
+    inputs = jax.device_put(data.arrays)
+
+    def step_loops(unroll):
+        runner = jdl.make_chunk_runner(train_step, data, 4, unroll=unroll)
+        text = runner.lower(state, inputs, jnp.int32(4)).compile().as_text()
+        names = [
+            re.search(r'op_name="([^"]*)"', line).group(1)
+            for line in text.splitlines()
+            if re.search(r"\swhile\(", line)
+        ]
+        return [name for name in names if re.fullmatch(r"jit\(run_chunk\)/(while|scan)", name)]
+
+    assert step_loops(True) == []
+    assert step_loops(1) != []
