@@ -51,7 +51,7 @@ from jdl.errors import UserError
 from jdl.hooks import Hook, HookContext
 from jdl.inference import PredictInputError, predict
 from jdl.lock import WorkdirError, WorkdirLock, WorkdirLockedError
-from jdl.logging import MetricLogger, plot_curves, read_metrics
+from jdl.metric_log import MetricLogger, plot_curves, read_metrics
 from jdl.loop import (
     FitResult,
     NonFiniteLossError,

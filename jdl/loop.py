@@ -49,7 +49,7 @@ from jdl.hooks import (
     UnknownMetricError,  # noqa: F401 - jdl.loop.UnknownMetricError, as before
 )
 from jdl.lock import WorkdirLock
-from jdl.logging import MetricLogger, plot_curves
+from jdl.metric_log import MetricLogger, plot_curves
 from jdl.state import TrainState
 from jdl.steps import EvalStep, Metrics, TrainStep
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import jdl
-from jdl.logging import MetricLogger
+from jdl.metric_log import MetricLogger
 
 
 def _write_run(workdir, steps, start_step=0):

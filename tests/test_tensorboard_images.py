@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 import jdl
-from jdl.logging import MetricLogger
+from jdl.metric_log import MetricLogger
 from jdl.tensorboard import EventWriter, TensorBoardValueError, encode_png
 
 
@@ -179,7 +179,7 @@ def test_png_encoder_is_read_by_pillow_for_a_large_image():
 
 def test_import_jdl_loads_no_tensorboard_tensorflow_or_torch():
     code = (
-        "import sys, jdl, jdl.tensorboard, jdl.logging; "
+        "import sys, jdl, jdl.tensorboard, jdl.metric_log; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'tensorboard', 'tensorflow', 'tensorboardX', 'torch', 'PIL'}))"
     )
