@@ -32,8 +32,10 @@ How the model is rebuilt, in this order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import os
 import shlex
@@ -439,7 +441,8 @@ def _onnx_model(model: nnx.Module, shape: tuple[int, ...], dtype: np.dtype):
         if type(module) is nnx.Conv:
             module.__class__ = _LaxConv
     spec = jax.ShapeDtypeStruct(("batch", *shape), dtype)  # "batch": a dynamic ONNX dim
-    with _quiet_converter_logs():
+    # jax2onnx prints a debug line per convolution (a print, not a log); not for the user.
+    with _quiet_converter_logs(), contextlib.redirect_stdout(io.StringIO()):
         try:
             return jax2onnx.to_onnx(
                 _forward_fn(model),
