@@ -3,6 +3,7 @@ parameter counts of GPT-2 small and ViT-B/16, and short training runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -364,3 +365,105 @@ def test_encoder_classifier_ignores_masked_padding(pooling):
     np.testing.assert_allclose(longer_logits, logits, atol=1e-5)
     np.testing.assert_allclose(unmasked[0], logits[0], atol=1e-6)  # no padding in row 0
     assert np.max(np.abs(unmasked[1:] - logits[1:])) > 1e-6  # unmasked padding does count
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinned parameters and outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(tree) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes (key arrays as their data)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.asarray(leaf)
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+_TOKENS = jnp.arange(24).reshape(2, 12) % 50
+_PINNED_MODELS = {
+    "gpt_learned": (lambda: GPT(50, 16, 32, 4, 2, dropout=0.1, rngs=nnx.Rngs(0)), _TOKENS),
+    "gpt_rotary": (
+        lambda: GPT(
+            50,
+            16,
+            32,
+            4,
+            2,
+            positions="rotary",
+            tie_embeddings=False,
+            activation="relu",
+            layer_norm_eps=1e-6,
+            mlp_ratio=2,
+            rngs=nnx.Rngs(1),
+        ),
+        _TOKENS,
+    ),
+    "encoder_cls": (
+        lambda: EncoderClassifier(
+            50, 16, 32, 4, 2, 3, pooling="cls", dropout=0.1, rngs=nnx.Rngs(2)
+        ),
+        _TOKENS,
+    ),
+    "encoder_rotary": (
+        lambda: EncoderClassifier(
+            50, 16, 32, 4, 2, 3, positions="rotary", mlp_ratio=2, rngs=nnx.Rngs(3)
+        ),
+        _TOKENS,
+    ),
+    "vit": (
+        lambda: ViT(
+            8,
+            4,
+            3,
+            5,
+            32,
+            4,
+            2,
+            dropout=0.1,
+            activation="gelu_exact",
+            layer_norm_eps=1e-12,
+            rngs=nnx.Rngs(4),
+        ),
+        jnp.linspace(-1, 1, 2 * 8 * 8 * 3).reshape(2, 8, 8, 3),
+    ),
+}
+# (whole model state, train-mode output, eval-mode output), computed on CPU before the
+# blocks were built from one `BlockConfig`: the construction must stay bitwise the same.
+_PINNED = {
+    "gpt_learned": ("d9ea106755d4b007", "5249ad55014c8804", "b1573e1b53dfa207"),
+    "gpt_rotary": ("6b6d4511d9f050f7", "134cc94454311f4f", "134cc94454311f4f"),
+    "encoder_cls": ("cff89f1f3aae7ca4", "840671bc6998d4a6", "a1ac54aac753ff53"),
+    "encoder_rotary": ("4f139035666567bc", "f737ae223b6965a8", "f737ae223b6965a8"),
+    "vit": ("7f5f4f4e70f01b13", "1912931c48abfd49", "239adb71307a25f4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PINNED))
+def test_parameter_trees_and_outputs_are_pinned(name):
+    build, x = _PINNED_MODELS[name]
+    model = build()
+    state = _digest(nnx.state(model))
+    train_output = _digest(model(x))
+    model.eval()
+    assert (state, train_output, _digest(model(x))) == _PINNED[name]
+
+
+def test_block_config_builds_the_block_its_keywords_build():
+    from jdl.models.transformer import BlockConfig
+
+    options = dict(causal=True, mlp_ratio=2, dropout=0.1, rotary=True, layer_norm_eps=1e-6)
+    config = BlockConfig(EMBED, HEADS, **options)
+    from_config = TransformerBlock.from_config(config, rngs=nnx.Rngs(5))
+    from_keywords = TransformerBlock(EMBED, HEADS, **options, rngs=nnx.Rngs(5))
+    assert _digest(nnx.state(from_config)) == _digest(nnx.state(from_keywords))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dropout = 0.0  # one config shared by every block: it cannot change under them

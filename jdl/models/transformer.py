@@ -15,6 +15,7 @@ H heads, D head_dim = C // H, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -236,10 +237,11 @@ class FeedForward(nnx.Module):
         return _apply_dropout(self.dropout, self.fc2(h))  # (B, T, C)
 
 
-class TransformerBlock(nnx.Module):
-    """Pre-LayerNorm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))`.
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Everything a `TransformerBlock` is built from; one per model, shared by its blocks.
 
-    Args:
+    Fields (the keyword arguments of `TransformerBlock`):
       embed_dim: C, the model width.
       num_heads: H, the number of attention heads.
       causal: causal (decoder) or bidirectional (encoder) attention.
@@ -254,6 +256,27 @@ class TransformerBlock(nnx.Module):
         (attention output and second MLP layer); `kernel_init` if None.
       implementation: see `MultiHeadAttention`.
       layer_norm_eps: epsilon of both LayerNorms (1e-5 as in PyTorch and GPT-2; ViT uses 1e-12).
+    """
+
+    embed_dim: int
+    num_heads: int
+    causal: bool = False
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    activation: str = "gelu"
+    rotary: bool = False
+    rope_base: float = 10_000.0
+    use_bias: bool = True
+    kernel_init: Initializer | None = None
+    residual_init: Initializer | None = None
+    implementation: str | None = None
+    layer_norm_eps: float = LAYER_NORM_EPS
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))`.
+
+    Args: the fields of `BlockConfig` (`TransformerBlock.from_config` takes one), and
       rngs: NNX random streams.
 
     Call: `(B, T, C)` float, optional key mask `(B, T)` bool -> `(B, T, C)`.
@@ -302,6 +325,12 @@ class TransformerBlock(nnx.Module):
             rngs=rngs,
         )
 
+    @classmethod
+    def from_config(cls, config: BlockConfig, *, rngs: nnx.Rngs) -> TransformerBlock:
+        """The block `config` describes."""
+        fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+        return cls(**fields, rngs=rngs)
+
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         x = x + self.attn(self.ln1(x), mask=mask)  # (B, T, C)
         return x + self.mlp(self.ln2(x))
@@ -328,13 +357,23 @@ def checkpointed_block(
     return block(x, mask=mask)
 
 
-def block_stack(num_layers: int, embed_dim: int, num_heads: int, **options) -> nnx.List:
-    """`num_layers` `TransformerBlock(embed_dim, num_heads, **options)`, built first to last.
+def block_stack(num_layers: int, config: BlockConfig, *, rngs: nnx.Rngs) -> nnx.List:
+    """`num_layers` `TransformerBlock`s of `config`, built first to last.
 
-    Built in order, so the blocks draw their initial parameters from `options["rngs"]` in
-    layer order (as a list comprehension would).
+    Built in order, so the blocks draw their initial parameters from `rngs` in layer
+    order (as a list comprehension would).
     """
-    return nnx.List([TransformerBlock(embed_dim, num_heads, **options) for _ in range(num_layers)])
+    return nnx.List([TransformerBlock.from_config(config, rngs=rngs) for _ in range(num_layers)])
+
+
+def apply_blocks(
+    blocks: nnx.List, x: jax.Array, *, mask: jax.Array | None = None, remat: bool = False
+) -> jax.Array:
+    """`x` (B, T, C) through every block in order; `remat` recomputes each block's
+    activations in the backward pass (`checkpointed_block`)."""
+    for block in blocks:
+        x = checkpointed_block(block, x, mask) if remat else block(x, mask=mask)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +447,7 @@ class GPT(nnx.Module):
             else None
         )
         self.dropout = _dropout(dropout, rngs)
-        self.blocks = block_stack(
-            num_layers,
+        block = BlockConfig(
             embed_dim,
             num_heads,
             causal=True,
@@ -420,8 +458,8 @@ class GPT(nnx.Module):
             kernel_init=init,
             residual_init=residual_init,
             layer_norm_eps=layer_norm_eps,
-            rngs=rngs,
         )
+        self.blocks = block_stack(num_layers, block, rngs=rngs)
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = (
             None
@@ -433,8 +471,7 @@ class GPT(nnx.Module):
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}")
         x = self._embed(tokens, jnp.arange(tokens.shape[1]))  # (B, T, C)
-        for block in self.blocks:
-            x = checkpointed_block(block, x) if self.remat else block(x)
+        x = apply_blocks(self.blocks, x, remat=self.remat)
         return self._logits(x)  # (B, T, V)
 
     def init_cache(
@@ -817,17 +854,15 @@ class EncoderClassifier(nnx.Module):
             else None
         )
         self.dropout = _dropout(dropout, rngs)
-        self.blocks = block_stack(
-            num_layers,
+        block = BlockConfig(
             embed_dim,
             num_heads,
-            causal=False,
             mlp_ratio=mlp_ratio,
             dropout=dropout,
             rotary=positions == "rotary",
             kernel_init=init,
-            rngs=rngs,
         )
+        self.blocks = block_stack(num_layers, block, rngs=rngs)
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS, rngs=rngs)
         self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)
 
@@ -844,8 +879,7 @@ class EncoderClassifier(nnx.Module):
         if self.position_embed is not None:
             x = x + self.position_embed(jnp.arange(x.shape[1]))
         x = _apply_dropout(self.dropout, x)
-        for block in self.blocks:
-            x = checkpointed_block(block, x, mask) if self.remat else block(x, mask=mask)
+        x = apply_blocks(self.blocks, x, mask=mask, remat=self.remat)
         x = self.ln_f(x)
         if self.pooling == "cls":
             pooled = x[:, 0]  # (B, C)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdl.models.sizes import check_sizes
-from jdl.models.transformer import LAYER_NORM_EPS, block_stack, checkpointed_block
+from jdl.models.transformer import LAYER_NORM_EPS, BlockConfig, apply_blocks, block_stack
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -98,18 +98,16 @@ class ViT(nnx.Module):
         self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim)))
         self.position_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, embed_dim)))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-        self.blocks = block_stack(
-            num_layers,
+        block = BlockConfig(
             embed_dim,
             num_heads,
-            causal=False,
             mlp_ratio=mlp_ratio,
             dropout=dropout,
             activation=activation,
             kernel_init=init,
             layer_norm_eps=layer_norm_eps,
-            rngs=rngs,
         )
+        self.blocks = block_stack(num_layers, block, rngs=rngs)
         self.ln_f = nnx.LayerNorm(embed_dim, epsilon=layer_norm_eps, rngs=rngs)
         self.head = nnx.Linear(embed_dim, num_classes, kernel_init=init, rngs=rngs)
 
@@ -119,8 +117,7 @@ class ViT(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.position_embed[...]  # (B, 1 + N, C)
         if self.dropout is not None:
             x = self.dropout(x)
-        for block in self.blocks:
-            x = checkpointed_block(block, x) if self.remat else block(x)
+        x = apply_blocks(self.blocks, x, remat=self.remat)
         return self.head(self.ln_f(x[:, 0]))  # (B, num_classes)
 
 
