@@ -4,13 +4,15 @@
 
 Each import runs in a fresh Python process (so nothing is cached in memory), timed
 inside the process around the `import` statement alone (interpreter start-up is left
-out). The file system cache is warm after the first repeat, as on a machine that runs
-jdl every day. Prints one RESULT line per module with the median and all repeats, the
-ratio of the two medians, and `FINAL {json}` last.
+out), in wall-clock and in CPU seconds (CPU time is the steadier figure on a busy
+machine). The file system cache is warm after the first repeat, as on a machine that
+runs jdl every day. Prints one RESULT line per module with the medians and all wall
+times, one with the ratios of the medians, and `FINAL {json}` last.
 
-`import jdl` imports JAX, so the ratio is at least 1; what lies above 1 is jdl's own
-modules and what they import (Flax NNX, Optax, Orbax, ...). Optional heavy libraries
-(qwix, transformers, torch, tensorboard, matplotlib) are imported only when used.
+`import jdl` imports JAX, so the ratio is at least 1 while jdl imports its modules
+eagerly; what lies above 1 is jdl's own modules and what they import (Flax NNX, Optax,
+Orbax, ...). Optional heavy libraries (qwix, transformers, torch, tensorboard,
+matplotlib) are imported only when used.
 """
 
 from __future__ import annotations
@@ -25,34 +27,47 @@ from collections.abc import Sequence
 MODULES = ("jax", "jdl")
 
 _TIMER = (
-    "import time; start = time.perf_counter(); import {module}; print(time.perf_counter() - start)"
+    "import time; wall, cpu = time.perf_counter(), time.process_time(); import {module}; "
+    "print(time.perf_counter() - wall, time.process_time() - cpu)"
 )
 
 
-def import_seconds(module: str) -> float:
-    """Seconds that `import module` takes in a fresh Python process."""
+def import_seconds(module: str) -> tuple[float, float]:
+    """(wall, CPU) seconds that `import module` takes in a fresh Python process."""
     result = subprocess.run(
         [sys.executable, "-c", _TIMER.format(module=module)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return float(result.stdout.strip().splitlines()[-1])
+    wall, cpu = result.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def measure(repeats: int = 5) -> dict:
-    """{"jax_s", "jdl_s", "ratio", "repeats": {module: [seconds, ...]}} (medians in *_s)."""
-    times = {module: [] for module in MODULES}
+    """Medians of `repeats` fresh imports of each module, in wall and in CPU seconds.
+
+    Returns {"jax_s", "jdl_s", "ratio"} (wall), {"jax_cpu_s", "jdl_cpu_s", "cpu_ratio"}
+    and "repeats": {module: [wall seconds, ...]}. CPU time is the steadier figure on a
+    machine that other work keeps busy.
+    """
+    wall = {module: [] for module in MODULES}
+    cpu = {module: [] for module in MODULES}
     for _ in range(repeats):  # interleaved, so a busy moment hits both alike
         for module in MODULES:
-            times[module].append(import_seconds(module))
-    medians = {module: statistics.median(values) for module, values in times.items()}
-    return {
-        "jax_s": round(medians["jax"], 3),
-        "jdl_s": round(medians["jdl"], 3),
-        "ratio": round(medians["jdl"] / medians["jax"], 3),
-        "repeats": {module: [round(t, 3) for t in values] for module, values in times.items()},
-    }
+            seconds, cpu_seconds = import_seconds(module)
+            wall[module].append(seconds)
+            cpu[module].append(cpu_seconds)
+    figures = {}
+    for suffix, ratio, times in (("_s", "ratio", wall), ("_cpu_s", "cpu_ratio", cpu)):
+        jax_s, jdl_s = (statistics.median(times[module]) for module in MODULES)
+        figures |= {
+            "jax" + suffix: round(jax_s, 3),
+            "jdl" + suffix: round(jdl_s, 3),
+            ratio: round(jdl_s / jax_s, 3),
+        }
+    figures["repeats"] = {module: [round(t, 3) for t in times] for module, times in wall.items()}
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -64,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     figures = measure(args.repeats)
     for module in MODULES:
         print(
-            f"RESULT import={module} median_s={figures[f'{module}_s']:.3f} "
-            f"repeats={figures['repeats'][module]}"
+            f"RESULT import={module} median_s={figures[module + '_s']:.3f} "
+            f"median_cpu_s={figures[module + '_cpu_s']:.3f} repeats={figures['repeats'][module]}"
         )
-    print(f"RESULT jdl_over_jax={figures['ratio']:.3f}")
+    print(f"RESULT jdl_over_jax={figures['ratio']:.3f} cpu={figures['cpu_ratio']:.3f}")
     print("FINAL " + json.dumps(figures))
     return figures
 
