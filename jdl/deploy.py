@@ -3,8 +3,8 @@
 `load_model(workdir)` rebuilds the model a run trained and loads its weights and model
 state (batch-norm statistics, ...) from one of its checkpoints, without the optimizer:
 
-  >>> model = jdl.load_model("workdirs/mnist_cnn")              # doctest: +SKIP
-  >>> logits = jdl.predict(model, images)                       # doctest: +SKIP
+    model = jdl.load_model("workdirs/mnist_cnn")
+    logits = jdl.predict(model, images)
 
 `export(workdir_or_model, path, format=...)` writes that model as one file another
 program runs without jdl or the model's Python code:
