@@ -27,7 +27,7 @@ from benchmarks import zoo_peers as twins
 RESULT = re.compile(
     r"RESULT model=(?P<model>\S+) jdl_samples_per_s=(?P<jdl>\S+) vs_pure_jax=(?P<pure_jax>\S+) "
     r"vs_torch_eager=(?P<torch_eager>\S+) vs_torch_compile=(?P<torch_compile>\S+) "
-    r"mfu=(?P<mfu>\S+)"
+    r"mfu=(?P<mfu>\S+) spread_pure_jax=(?P<spread_pure_jax>\S+)"
 )
 # mlp_512 runs the same code as mnist_mlp; leaving it out keeps the tests short.
 QUICK_MODELS = ("mnist_mlp", "mnist_cnn")
@@ -470,3 +470,28 @@ def test_xla_cpu_options_quick_run_times_every_setting(capsys):
     }
     assert fusions["mnist_cnn", "ynn_off"] == 0
     assert fusions["mnist_cnn", "xla_default"] > fusions["mnist_cnn", "jdl"] > 0
+
+
+def test_ratio_spread_and_extra_repeats_while_the_ratio_is_noisy():
+    from benchmarks.throughput import ratio_spread, repeat_while_noisy
+
+    rates = {"jdl": [100.0, 100.0, 100.0], "pure_jax": [100.0, 95.0, 105.0]}
+    ratios = [1.0, 100 / 95, 100 / 105]
+    expected = (max(ratios) - min(ratios)) / 2 / sorted(ratios)[1]
+    assert ratio_spread(rates, "pure_jax") == pytest.approx(expected)
+    assert math.isnan(ratio_spread({"jdl": [1.0], "pure_jax": [1.0]}, "pure_jax"))
+
+    class Peer:  # a peer whose step time is scripted: noisy at first, then steady
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, list(seconds)
+
+        def time_steps(self, steps):
+            return self.seconds.pop(0) if len(self.seconds) > 1 else self.seconds[0]
+
+    peers = [Peer("jdl", [1.0]), Peer("pure_jax", [1.0, 1.2, 0.8, 1.0])]
+    first = {"jdl": [10.0, 10.0], "pure_jax": [10.0, 7.0]}  # +-18%: too wide
+    more = repeat_while_noisy(peers, 10, 1, first, max_repeats=9)
+    assert 2 < len(more["jdl"]) <= 9 and len(more["jdl"]) == len(more["pure_jax"])
+    assert more["jdl"][:2] == first["jdl"]
+    capped = repeat_while_noisy(peers, 10, 1, first, max_repeats=2)
+    assert capped == first  # the cap holds; the RESULT line then shows the wide spread
