@@ -241,7 +241,9 @@ def fit(
       jdl.checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. a full
         disk); the run stops, earlier checkpoints are intact and a rerun resumes.
     """
-    _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch)
+    _check_fit_arguments(
+        num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch, unroll
+    )
     _check_data(state, train_data, eval_data if eval_step is not None else None)
     state, shardings = parallel.place_for_fit(state, train_data, mesh, sharding_rules)
     started = time.perf_counter()
@@ -1030,7 +1032,13 @@ def _write_final(workdir: str | None, result: FitResult) -> None:
     jsonio.write_json(path, record)
 
 
-def _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch):
+class FitArgumentError(UserError, ValueError):
+    """A `fit` setting is out of range (e.g. `num_steps=0`, `unroll=False`)."""
+
+
+def _check_fit_arguments(
+    num_steps, log_every, eval_every, checkpoint_every, steps_per_dispatch, unroll
+):
     for name, value, minimum in (
         ("num_steps", num_steps, 1),
         ("log_every", log_every, 0),
@@ -1038,5 +1046,11 @@ def _check_fit_arguments(num_steps, log_every, eval_every, checkpoint_every, ste
         ("checkpoint_every", checkpoint_every, 0),
         ("steps_per_dispatch", steps_per_dispatch, 1),
     ):
-        if not isinstance(value, int | np.integer) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+            raise FitArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if unroll is not True and (
+        isinstance(unroll, bool) or not isinstance(unroll, int | np.integer) or unroll < 1
+    ):
+        raise FitArgumentError(
+            f"unroll must be True (steps written out) or an integer >= 1, got {unroll!r}"
+        )

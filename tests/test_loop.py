@@ -306,6 +306,11 @@ def test_invalid_fit_arguments():
         _fit(_state(), num_steps=0)
     with pytest.raises(ValueError, match="steps_per_dispatch"):
         _fit(_state(), steps_per_dispatch=0)
+    for unroll in (False, 0, 2.5):  # False once divided by zero inside the rolled loop
+        with pytest.raises(jdl.UserError, match="unroll must be True .* or an integer >= 1"):
+            _fit(_state(), unroll=unroll)
+    with pytest.raises(jdl.loop.FitArgumentError, match="log_every"):
+        _fit(_state(), log_every=True)
 
 
 def test_run_record_written(tmp_path):
