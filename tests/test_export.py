@@ -110,7 +110,7 @@ def _eval(model):
 ZOO = {
     "mlp": (lambda: jdl.models.MODELS["mnist_mlp"](rngs=nnx.Rngs(0)), (28, 28, 1), "float32"),
     "cnn": (_cnn, (28, 28, 1), "float32"),
-    "resnet20": (lambda: jdl.models.resnet20(rngs=nnx.Rngs(0)), (32, 32, 3), "float32"),
+    "resnet20": (lambda: jdl.models.resnet20(10, rngs=nnx.Rngs(0)), (32, 32, 3), "float32"),
     "vit": (lambda: jdl.models.vit_tiny(10, rngs=nnx.Rngs(0)), (28, 28, 1), "float32"),
     "gpt": (lambda: jdl.models.gpt_tiny(rngs=nnx.Rngs(0)), (32,), "int32"),
 }
