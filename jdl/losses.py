@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -128,16 +129,17 @@ def softmax_xent(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
 
     num_classes = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits.astype(_compute_dtype(logits)), axis=-1)
+    logits = logits.astype(_compute_dtype(logits))
     valid = (labels >= 0) & (labels < num_classes)
     # Clip only so the gather is well defined; invalid rows are replaced by NaN below.
     safe_labels = jnp.clip(labels, 0, num_classes - 1)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
     if isinstance(label_smoothing, int | float) and label_smoothing == 0.0:
-        loss = nll  # Skip the extra reduction over C in the common unsmoothed case.
+        # The common unsmoothed case gathers one logit per row instead of a one-hot product.
+        loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
     else:
-        smooth = -jnp.mean(log_probs, axis=-1)
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        onehot = jax.nn.one_hot(safe_labels, num_classes, dtype=logits.dtype)
+        targets = optax.smooth_labels(onehot, label_smoothing)
+        loss = optax.losses.softmax_cross_entropy(logits, targets)
     return jnp.where(valid, loss, jnp.nan)
 
 
@@ -178,9 +180,9 @@ def soft_xent(*, logits: ArrayLike, targets: ArrayLike) -> jax.Array:
 def binary_xent(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     """Sigmoid binary cross-entropy from logits, elementwise.
 
-    Uses the stable form `max(x, 0) - x * y + log1p(exp(-|x|))`, which equals
-    `-(y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x)))` without overflowing for large
-    `|x|` (PyTorch's `binary_cross_entropy_with_logits` uses the same identity).
+    Computes `-(y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x)))` as optax's
+    `sigmoid_binary_cross_entropy` does, with `log_sigmoid(x)` and `log_sigmoid(-x)`, which
+    do not overflow for large `|x|`.
 
     Args:
       logits: float array of any shape.
@@ -199,9 +201,7 @@ def binary_xent(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     _require_float("logits", logits)
     _require_same_shape("logits", logits, "labels", labels)
     dtype = _compute_dtype(logits)
-    x = logits.astype(dtype)
-    y = labels.astype(dtype)
-    return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return optax.losses.sigmoid_binary_cross_entropy(logits.astype(dtype), labels.astype(dtype))
 
 
 def kl_divergence(
@@ -273,7 +273,7 @@ def mse(*, predictions: ArrayLike, targets: ArrayLike) -> jax.Array:
     _require_float("predictions", predictions)
     _require_same_shape("predictions", predictions, "targets", targets)
     dtype = _compute_dtype(predictions, targets)
-    return jnp.square(predictions.astype(dtype) - targets.astype(dtype))
+    return optax.losses.squared_error(predictions.astype(dtype), targets.astype(dtype))
 
 
 def huber(*, predictions: ArrayLike, targets: ArrayLike, delta: float = 1.0) -> jax.Array:
@@ -301,12 +301,8 @@ def huber(*, predictions: ArrayLike, targets: ArrayLike, delta: float = 1.0) -> 
     _require_same_shape("predictions", predictions, "targets", targets)
     _require_positive("delta", delta)
     dtype = _compute_dtype(predictions, targets)
-    abs_err = jnp.abs(predictions.astype(dtype) - targets.astype(dtype))
-    # Clamp-based form: the quadratic part saturates at delta and the excess is linear. It is
-    # branch-free and has no 0 * inf pitfalls in the gradient of a `where`.
-    quadratic = jnp.minimum(abs_err, delta)
-    linear = abs_err - quadratic
-    return 0.5 * jnp.square(quadratic) + delta * linear
+    # optax's clamp-based form: branch-free, no 0 * inf pitfalls in the gradient of a `where`.
+    return optax.losses.huber_loss(predictions.astype(dtype), targets.astype(dtype), delta=delta)
 
 
 # ---------------------------------------------------------------------------------------------
