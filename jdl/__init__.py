@@ -7,7 +7,9 @@ from jdl import (
     cli,
     compiler,
     data,
+    deploy,
     errors,
+    export,  # callable: jdl.export(...) exports, jdl.export.load(path) runs one
     hf,
     hooks,
     jsonio,
@@ -47,11 +49,11 @@ from jdl.data.pipeline import (
     check_same_setup,
 )
 from jdl.data.text import CharVocab, RandomWindows
+from jdl.deploy import ExportError, ModelLoadError, NoCheckpointError, load_model
 from jdl.errors import UserError
 from jdl.hooks import Hook, HookContext
 from jdl.inference import PredictInputError, predict
 from jdl.lock import WorkdirError, WorkdirLock, WorkdirLockedError
-from jdl.metric_log import MetricLogger, plot_curves, read_metrics
 from jdl.loop import (
     FitResult,
     NonFiniteLossError,
@@ -61,6 +63,7 @@ from jdl.loop import (
     make_chunk_runner,
     make_evaluator,
 )
+from jdl.metric_log import MetricLogger, plot_curves, read_metrics
 from jdl.models.sizes import ModelSizeError
 from jdl.optim import OptimizerConfigError, default_decay_mask, make_optimizer, make_schedule
 from jdl.parallel import (
@@ -90,6 +93,7 @@ __all__ = [
     "DataSetupMismatchError",
     "EmaError",
     "EmptyDataError",
+    "ExportError",
     "FitResult",
     "Hook",
     "HookContext",
@@ -98,7 +102,9 @@ __all__ = [
     "LabelRangeError",
     "LossOutputError",
     "MetricLogger",
+    "ModelLoadError",
     "ModelSizeError",
+    "NoCheckpointError",
     "NonFiniteDataError",
     "NonFiniteLossError",
     "OptimizerConfigError",
@@ -127,13 +133,16 @@ __all__ = [
     "count_params",
     "data",
     "default_decay_mask",
+    "deploy",
     "enable_compilation_cache",
     "errors",
+    "export",
     "fit",
     "hf",
     "hooks",
     "initialize_distributed",
     "jsonio",
+    "load_model",
     "losses",
     "make_chunk_runner",
     "make_eval_step",
