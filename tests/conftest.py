@@ -1,6 +1,11 @@
-"""Test setup: 8 fake CPU devices for sharding tests, quiet logs, parallel test workers."""
+"""Test setup: 8 fake CPU devices for sharding tests, quiet logs, parallel test workers,
+and a local HTTP server for download tests."""
 
+import contextlib
 import os
+
+import pytest
+import support
 
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -17,3 +22,15 @@ MAX_TEST_WORKERS = 4
 
 def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))
+
+
+# --------------------------------------------------------------------------- fixtures
+# Shared builders used at module level (data, train states) are plain functions in
+# tests/support.py, which worker scripts import too.
+
+
+@pytest.fixture
+def http_server():
+    """`serve(directory) -> base URL`: a local HTTP server, shut down after the test."""
+    with contextlib.ExitStack() as servers:
+        yield lambda directory: servers.enter_context(support.serve_directory(directory))

@@ -14,17 +14,9 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from support import blobs, mlp_state
+
 CHECKPOINT_EVERY = 2
-
-
-def blobs(n=256, classes=4, dim=8, seed=0):
-    import numpy as np
-
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
 
 def main(
@@ -43,14 +35,11 @@ def main(
     """
     import jax
     import numpy as np
-    from flax import nnx
 
     import jdl
 
     jdl.enable_compilation_cache(cache)
-    model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
-    state = jdl.TrainState.create(model, tx, seed=0)
+    state = mlp_state()
     train_step = jdl.make_train_step(jdl.classification_loss())
     result = jdl.fit(
         state,

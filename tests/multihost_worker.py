@@ -14,29 +14,21 @@ import os
 import sys
 
 import numpy as np
+from support import blobs as _blobs
+from support import mlp_state
 
 NUM_STEPS = 4
 BATCH_SIZE = 32
 MESH_SHAPE = "data:2,fsdp:-1"
 
 
-def blobs(n: int = 256, classes: int = 4, dim: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """A small deterministic classification set, the same in every process."""
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))  # same in every split
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+def blobs(n: int = 256, seed: int = 0) -> dict:
+    """The run's data set, the same in every process (its class centers do not depend on seed)."""
+    return _blobs(n, dim=16, seed=seed)
 
 
 def make_state():
-    from flax import nnx
-
-    import jdl
-
-    model = jdl.models.MLP(16, (64, 64), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
-    return jdl.TrainState.create(model, tx, seed=0)
+    return mlp_state(16, (64, 64), 4)
 
 
 def fit_kwargs() -> dict:

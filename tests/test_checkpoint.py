@@ -7,15 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from support import mlp_state
 
 import jdl
 from jdl.checkpoint import CheckpointMismatchError
 
 
 def _state(hidden=16, seed=0):
-    model = jdl.models.MLP(4, (hidden,), 3, dropout=0.5, rngs=nnx.Rngs(params=seed, dropout=1))
-    return jdl.TrainState.create(model, optax.adam(1e-3), seed=seed)
+    return mlp_state(4, (hidden,), 3, dropout=0.5, tx=optax.adam(1e-3), seed=seed)
 
 
 def test_round_trip_restores_every_leaf_with_dtype(tmp_path):

@@ -21,9 +21,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from absl import logging as absl_logging
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from support import mlp_state
 
 import jdl
 from jdl.checkpoint import (
@@ -39,8 +39,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def _state(hidden=256, tx=None, seed=0):
-    model = jdl.models.MLP(64, (hidden,), 10, dropout=0.1, rngs=nnx.Rngs(params=seed, dropout=1))
-    return jdl.TrainState.create(model, tx or optax.adam(1e-3), seed=seed)
+    return mlp_state(64, (hidden,), 10, tx=tx or optax.adam(1e-3), seed=seed)
 
 
 def _scaled(state, factor):

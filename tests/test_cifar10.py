@@ -7,17 +7,12 @@ when a download is tested. Nothing here reaches the network.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import io
 import json
 import pickle
 import socket
 import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -119,27 +114,6 @@ def fake_archive(tmp_path, monkeypatch) -> tuple[Path, dict]:
     md5 = write_archive(tmp_path / "source", root / cifar10.ARCHIVE)
     monkeypatch.setattr(cifar10, "ARCHIVE_MD5", md5)
     return root, written
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class.
-        pass
-
-
-@contextlib.contextmanager
-def _serve(directory: Path) -> Iterator[str]:
-    """Serves `directory` over HTTP on 127.0.0.1 from a daemon thread; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def _expected_images(rows: np.ndarray) -> np.ndarray:
@@ -392,15 +366,15 @@ def test_archive_members_outside_the_batches_are_never_written(tmp_path, monkeyp
 
 
 @pytest.fixture
-def server(fake_archive, tmp_path) -> Iterator[tuple[str, str]]:
-    """Serves the fake archive under good/ and a corrupted copy under bad/; yields both URLs."""
+def server(fake_archive, tmp_path, http_server) -> tuple[str, str]:
+    """Serves the fake archive under good/ and a corrupted copy under bad/; returns both URLs."""
     root, _ = fake_archive
     payload = (root / cifar10.ARCHIVE).read_bytes()
     for kind, body in (("good", payload), ("bad", payload[:-1] + bytes([payload[-1] ^ 0xFF]))):
         (tmp_path / "served" / kind).mkdir(parents=True)
         (tmp_path / "served" / kind / cifar10.ARCHIVE).write_bytes(body)
-    with _serve(tmp_path / "served") as base:
-        yield base + "good/", base + "bad/"
+    base = http_server(tmp_path / "served")
+    return base + "good/", base + "bad/"
 
 
 def test_download_skips_unreachable_mirror_and_extracts(server, tmp_path, monkeypatch):

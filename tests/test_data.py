@@ -3,16 +3,11 @@ and the checks the data pipeline makes once, on the host (batch size, label rang
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gzip
 import hashlib
-import http.server
 import logging
 import re
 import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,32 +65,11 @@ def fake_mnist(tmp_path, monkeypatch) -> tuple[Path, dict[str, str]]:
     return directory, checksums
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class.
-        pass
-
-
-@contextlib.contextmanager
-def _serve(directory: Path) -> Iterator[str]:
-    """Serves `directory` over HTTP on 127.0.0.1 from a daemon thread; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
-def mirror(tmp_path, fake_mnist) -> Iterator[tuple[str, str, dict[str, str]]]:
+def mirror(tmp_path, fake_mnist, http_server) -> tuple[str, str, dict[str, str]]:
     """A local server with a good copy of the fake files under good/ and corrupted ones under bad/.
 
-    Yields (good base URL, bad base URL, checksums).
+    Returns (good base URL, bad base URL, checksums).
     """
     source, checksums = fake_mnist
     root = tmp_path / "served"
@@ -106,8 +80,8 @@ def mirror(tmp_path, fake_mnist) -> Iterator[tuple[str, str, dict[str, str]]]:
             if kind == "bad":
                 payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
             (root / kind / name).write_bytes(payload)
-    with _serve(root) as base:
-        yield base + "good/", base + "bad/", checksums
+    base = http_server(root)
+    return base + "good/", base + "bad/", checksums
 
 
 @pytest.fixture(scope="module")
@@ -365,17 +339,18 @@ def test_download_failure_without_fallback_says_where_to_put_files(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_missing_file_on_mirror_is_a_download_failure(fake_mnist, tmp_path, monkeypatch):
+def test_missing_file_on_mirror_is_a_download_failure(
+    fake_mnist, tmp_path, monkeypatch, http_server
+):
     source, _ = fake_mnist
     served = tmp_path / "incomplete"
     served.mkdir()
     (served / "train-images-idx3-ubyte.gz").write_bytes(
         (source / "train-images-idx3-ubyte.gz").read_bytes()
     )
-    with _serve(served) as base:
-        monkeypatch.setitem(mnist.MIRRORS, "mnist", (base,))
-        with pytest.raises(data.DatasetUnavailableError, match=r"train-labels.*HTTP Error 404"):
-            data.load_mnist(data_dir=tmp_path / "target", offline_fallback=False)
+    monkeypatch.setitem(mnist.MIRRORS, "mnist", (http_server(served),))
+    with pytest.raises(data.DatasetUnavailableError, match=r"train-labels.*HTTP Error 404"):
+        data.load_mnist(data_dir=tmp_path / "target", offline_fallback=False)
 
 
 def test_fashion_mnist_has_no_offline_fallback(tmp_path):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from support import mlp_state
 
 import jdl
 from jdl.checkpoint import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
@@ -37,10 +37,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # --- helpers -------------------------------------------------------------------------
 
 
-def _state(hidden=(32,), seed=0):
-    model = jdl.models.MLP(8, hidden, 4, dropout=0.1, rngs=nnx.Rngs(params=seed, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
-    return jdl.TrainState.create(model, tx, seed=seed)
+_state = mlp_state  # the workers' state: MLP 8-32-4 with Adam
 
 
 # One step function and data set for every fit here: the chunk program compiles once.

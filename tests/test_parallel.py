@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from support import blobs, mlp_state
 
 import jdl
 from experiments import charlm_common
@@ -118,12 +119,8 @@ def test_shard_state_reads_nnx_partition_metadata_for_params_and_optimizer_state
     np.testing.assert_array_equal(placed.params["w"].value, state.params["w"].value)
 
 
-def _blobs(n=256, classes=4, dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 3, (classes, dim))
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+def _blobs(n=256, seed=0):
+    return blobs(n, dim=16, seed=seed)
 
 
 # One optimizer object for all runs: it is static in the state, so runs with the same
@@ -132,8 +129,7 @@ _TX, _ = jdl.make_optimizer("adamw", learning_rate=1e-2, weight_decay=1e-4)
 
 
 def _state():
-    model = jdl.models.MLP(16, (64, 64), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
-    return jdl.TrainState.create(model, _TX, seed=0)
+    return mlp_state(16, (64, 64), 4, tx=_TX)
 
 
 _STEP = jdl.make_train_step(jdl.classification_loss())

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from support import mlp_state
 
 import jdl
 from jdl.data.pipeline import BatchSizeError
@@ -170,8 +170,7 @@ def test_a_failing_transform_raises_in_the_training_thread():
 
 
 def _state(seed=0):
-    model = jdl.models.MLP(4, (16,), 3, dropout=0.1, rngs=nnx.Rngs(params=seed, dropout=1))
-    return jdl.TrainState.create(model, _TX, seed=seed)
+    return mlp_state(4, (16,), 3, tx=_TX, seed=seed)
 
 
 # One optimizer and one step function for all fits: they are static parts of the compiled

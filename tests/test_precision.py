@@ -8,17 +8,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from support import blobs as _blobs
 
 import jdl
 from jdl import precision as precision_lib
-
-
-def _blobs(n=256, classes=4, dim=8, seed=0):
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
 
 class _NormNet(nnx.Module):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from support import mlp_state
 
 import jdl
 from jdl import parallel
@@ -32,10 +32,7 @@ _DIM, _CLASSES = 4, 3
 
 
 def _state(seed=0):
-    model = jdl.models.MLP(
-        _DIM, (16,), _CLASSES, dropout=0.1, rngs=nnx.Rngs(params=seed, dropout=1)
-    )
-    return jdl.TrainState.create(model, _TX, seed=seed)
+    return mlp_state(_DIM, (16,), _CLASSES, tx=_TX, seed=seed)
 
 
 def _leaves(state):
