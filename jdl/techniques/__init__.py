@@ -4,6 +4,6 @@ Each module is a few functions in optax's style (factories returning pure functi
 the experiments in `experiments/*_mnist.py` show them end to end.
 """
 
-from jdl.techniques import distill, explain, federated, prune, quantize, transfer
+from jdl.techniques import distill, explain, federated, lora, prune, quantize, transfer
 
-__all__ = ["distill", "explain", "federated", "prune", "quantize", "transfer"]
+__all__ = ["distill", "explain", "federated", "lora", "prune", "quantize", "transfer"]
