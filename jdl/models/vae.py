@@ -1,6 +1,6 @@
 """A convolutional variational autoencoder (Kingma & Welling 2014) and its bounds.
 
-The model is q(z|x) = N(mean(x), diag(exp(logvar(x)))) from a strided-conv encoder,
+The model is q(z|x) = N(mean(x), diag(exp(logvar(x)))) from a convolutional encoder,
 a standard normal prior p(z) = N(0, I), and a decoder p(x|z) that is either
 independent Bernoulli pixels (decoder outputs logits; for binary images) or
 independent Gaussians (decoder outputs means, with one learned log-scale per channel).
@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from jdl import steps as steps_lib
+from jdl.models.cnn import Conv2D, pool
 from jdl.models.sizes import ModelSizeError, check_sizes
 
 __all__ = [
@@ -55,18 +56,21 @@ MIN_LOG_SCALE = -4.0  # Gaussian decoder: sigma >= e^-4, so binary data cannot d
 
 
 class VAE(nnx.Module):
-    """Convolutional VAE: stride-2 conv encoder, Gaussian latent, transposed-conv decoder.
+    """Convolutional VAE: conv + pool encoder, Gaussian latent, conv + upsample decoder.
 
-    Encoder: for each of `channels`, conv3x3 stride 2 + relu (H, W halve each time), then
-    flatten, dense `hidden_size` + relu, dense 2 * `latent_dim` (mean, log-variance).
-    Decoder: dense `hidden_size` + relu, dense to the encoder's last feature map + relu,
-    one transposed conv3x3 stride 2 + relu per stage (channels in reverse), conv3x3 to
-    the image's channels: Bernoulli logits or Gaussian means.
+    Encoder: for each of `channels`, conv3x3 + relu + 2x2 average pooling (H, W halve
+    each time), then flatten, dense `hidden_size` + relu, dense 2 * `latent_dim` (mean,
+    log-variance). Decoder: dense `hidden_size` + relu, dense to the encoder's last
+    feature map + relu, then per stage (channels in reverse) conv3x3 + relu and 2x
+    nearest-neighbour upsampling, and a conv3x3 to the image's channels: Bernoulli
+    logits or Gaussian means. Every conv is stride 1 (`jdl.models.Conv2D`) and the
+    resampling is reshapes: strided and transposed convolutions train about 3-8x slower
+    on XLA:CPU (measured on this model).
 
     Args:
       image_shape: (H, W, C) of one image; H and W must be multiples of 2 ** len(channels).
       latent_dim: size of z.
-      channels: output channels of the encoder's conv stages, e.g. (32, 64).
+      channels: output channels of the encoder's conv stages, e.g. (16, 32).
       hidden_size: width of the dense layer on each side.
       decoder: "bernoulli" (logits) or "gaussian" (means, learned per-channel scale).
       rngs: NNX random streams; parameters draw from `params` (or `default`), and the
@@ -82,7 +86,7 @@ class VAE(nnx.Module):
         *,
         image_shape: Sequence[int] = (28, 28, 1),
         latent_dim: int = 20,
-        channels: Sequence[int] = (32, 64),
+        channels: Sequence[int] = (16, 32),
         hidden_size: int = 256,
         decoder: str = "bernoulli",
         rngs: nnx.Rngs,
@@ -113,10 +117,7 @@ class VAE(nnx.Module):
         self.feature_shape = (height // factor, width // factor, channels[-1])
         ins = [colors, *channels[:-1]]
         self.encoder_convs = nnx.List(
-            [
-                nnx.Conv(a, b, (3, 3), strides=2, padding="SAME", rngs=rngs)
-                for a, b in zip(ins, channels, strict=True)
-            ]
+            [Conv2D(a, b, 3, rngs=rngs) for a, b in zip(ins, channels, strict=True)]
         )
         flat = math.prod(self.feature_shape)
         self.encoder_dense = nnx.Linear(flat, hidden_size, rngs=rngs)
@@ -126,11 +127,11 @@ class VAE(nnx.Module):
         outs = list(reversed(channels))
         self.decoder_convs = nnx.List(
             [
-                nnx.ConvTranspose(a, b, (3, 3), strides=2, padding="SAME", rngs=rngs)
+                Conv2D(a, b, 3, rngs=rngs)
                 for a, b in zip([channels[-1], *outs[:-1]], outs, strict=True)
             ]
         )
-        self.output = nnx.Conv(outs[-1], colors, (3, 3), padding="SAME", rngs=rngs)
+        self.output = Conv2D(outs[-1], colors, 3, rngs=rngs)
         self.log_scale = nnx.Param(jnp.zeros((colors,))) if decoder == "gaussian" else None
         self.sample_stream = nnx.Rngs(sample=rngs.params())["sample"]
 
@@ -138,7 +139,7 @@ class VAE(nnx.Module):
         """q(z|x): `(B, H, W, C)` -> (mean, log-variance), each `(B, latent_dim)`."""
         h = x
         for conv in self.encoder_convs:  # (B, H, W, C) -> (B, H / 2, W / 2, C')
-            h = jax.nn.relu(conv(h))
+            h = pool(jax.nn.relu(conv(h)), kind="avg", window=2)
         h = jax.nn.relu(self.encoder_dense(h.reshape(h.shape[0], -1)))  # (B, hidden)
         mean, logvar = jnp.split(self.posterior(h), 2, axis=-1)  # (B, L) each
         return mean, logvar
@@ -148,7 +149,7 @@ class VAE(nnx.Module):
         h = jax.nn.relu(self.decoder_dense(z))  # (B, hidden)
         h = jax.nn.relu(self.decoder_features(h)).reshape(-1, *self.feature_shape)
         for conv in self.decoder_convs:  # (B, h, w, C) -> (B, 2h, 2w, C')
-            h = jax.nn.relu(conv(h))
+            h = _upsample(jax.nn.relu(conv(h)))  # conv before upsampling: 4x fewer FLOPs
         return self.output(h)  # (B, H, W, C)
 
     def sample_latent(
@@ -193,6 +194,13 @@ class VAE(nnx.Module):
         mean, logvar = self.encode(x)  # (B, L) each
         z = mean if self.deterministic else self.sample_latent(mean, logvar)
         return self.decode(z)  # (B, H, W, C)
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x upsampling of (B, H, W, C): a broadcast, cheap to differentiate."""
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    return x.reshape(batch, 2 * height, 2 * width, channels)
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
