@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -245,17 +246,9 @@ def run_classifier(
         The experiment's `main` is a `jdl.cli.command`, which turns these into one
         `error:` line.
     """
-    config, workdir = parse_experiment_command_line(argv, get_config)
-    check_config(config)
-    if check_extra is not None:
-        check_extra(config)
-    jdl.config.check_choices(config, config_choices(get_config))
-    workdir = workdir or default_workdir
-    check_workdir(workdir)
-    mesh, sharding_rules = setup_devices(config)
-    return _train_classifier(
-        config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
-    )
+    checks = (check_config,) if check_extra is None else (check_config, check_extra)
+    run = start_run(argv, get_config, default_workdir, *checks)
+    return _train_classifier(run, load_data, build_model, make_augment)
 
 
 @contextlib.contextmanager
@@ -268,13 +261,8 @@ def workdir_lock(workdir: str):
         yield
 
 
-def _train_classifier(
-    config, workdir, load_data, build_model, make_augment, mesh, sharding_rules
-) -> dict:
-    started = time.perf_counter()
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
-
+def _train_classifier(run: Run, load_data, build_model, make_augment) -> dict:
+    config, workdir, mesh = run.config, run.workdir, run.mesh
     dataset = load_data(config)
     train_split, eval_split = dataset["train"], dataset["test"]
     if config.validation_fraction > 0:
@@ -286,16 +274,8 @@ def _train_classifier(
         rows = jdl.parallel.process_rows(len(train_split["y"]), mesh)
         train_split = jdl.parallel.global_arrays({k: v[rows] for k, v in train_split.items()}, mesh)
     train_data = jdl.InMemoryData(train_split, batch_size=config.batch_size, seed=config.seed)
-    try:
-        num_steps = jdl.parse_duration(
-            config.duration,
-            steps_per_epoch=train_data.steps_per_epoch,
-            batch_size=config.batch_size,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"config.duration: {error}") from None
-
-    model = build_model(config, dataset, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    num_steps = config_num_steps(config, train_data)
+    model = build_model(config, dataset, model_rngs(config))
     tx, schedule = make_config_optimizer(config, num_steps)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
     state = initial_state(state, config.init_from, workdir)
@@ -319,34 +299,18 @@ def _train_classifier(
         model_summary = summary(model, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
         print(model_summary.format(max_rows=30), flush=True)
     with workdir_lock(workdir):  # taken here: nothing before it writes to the workdir
-        result = jdl.fit(
+        result = fit_with_config(
+            config,
             state,
-            train_step=jdl.make_train_step(
-                loss_fn,
-                lr_schedule=schedule,
-                augment_fn=augment,
-                skip_nonfinite=config.skip_nonfinite,
-                precision=config.precision,
-                micro_batches=config.micro_batches,
-            ),
+            loss_fn=loss_fn,
+            schedule=schedule,
+            augment_fn=augment,
             train_data=train_data,
             num_steps=num_steps,
-            eval_step=jdl.make_eval_step(loss_fn, precision=config.precision),
-            eval_data=eval_split,
-            eval_every=config.eval_every,
-            log_every=config.log_every,
             workdir=workdir,
-            checkpoint_every=config.checkpoint_every,
-            max_to_keep=config.max_to_keep,
+            run=run,
+            eval_data=eval_split,
             best_metric="accuracy" if config.validation_fraction > 0 else None,
-            early_stopping_patience=config.early_stopping_patience,
-            steps_per_dispatch=config.steps_per_dispatch,
-            unroll=config.unroll or True,
-            progress=config.progress,
-            profile_steps=tuple(config.profile_steps) or None,
-            mesh=mesh,
-            sharding_rules=sharding_rules,
-            run_config=config,
         )
         if model_summary is not None:  # after fit: a refused run leaves the workdir as it was
             model_summary.write(workdir)
@@ -356,7 +320,7 @@ def _train_classifier(
             "test_loss": round(test["loss"], 4),
             "train_loss": finite_round(result.train_metrics.get("loss")),
             "steps": result.step,
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds": round(time.perf_counter() - run.started, 1),
         }
         return report_final(final, workdir, finished=result.was_finished)
 
@@ -456,73 +420,185 @@ def fit_and_test(
     """
     check_batch_fits(config.batch_size, len(dataset["train"]["y"]))
     train_data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)
-    num_steps = jdl.parse_duration(
-        config.duration if duration is None else duration,
-        steps_per_epoch=train_data.steps_per_epoch,
-        batch_size=config.batch_size,
-    )
+    num_steps = config_num_steps(config, train_data, duration)
     tx, schedule = make_config_optimizer(config, num_steps)
     if wrap_optimizer is not None:
         tx = wrap_optimizer(tx, num_steps)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
     state = initial_state(state, init_from, workdir)
     scoring = jdl.make_eval_step(jdl.classification_loss())
-    result = jdl.fit(
+    result = fit_with_config(
+        config,
         state,
-        train_step=jdl.make_train_step(
-            loss_fn or jdl.classification_loss(label_smoothing=config.label_smoothing),
-            lr_schedule=schedule,
-            augment_fn=translate_augmentation(config.augment_max_shift),
-            skip_nonfinite=config.skip_nonfinite,
-            precision=config.precision,
-            micro_batches=config.micro_batches,
-        ),
+        loss_fn=loss_fn or jdl.classification_loss(label_smoothing=config.label_smoothing),
+        schedule=schedule,
+        augment_fn=translate_augmentation(config.augment_max_shift),
         train_data=train_data,
         num_steps=num_steps,
+        workdir=workdir,
         eval_step=scoring,
         eval_data=dataset["test"],
-        eval_every=config.eval_every,
-        log_every=config.log_every,
-        workdir=workdir,
-        checkpoint_every=config.checkpoint_every,
-        max_to_keep=config.max_to_keep,
-        steps_per_dispatch=config.steps_per_dispatch,
-        unroll=config.unroll or True,
-        progress=config.progress,
-        profile_steps=tuple(config.profile_steps) or None,
-        run_config=config,
     )
     test = jdl.make_evaluator(scoring, 1000)(result.state, dataset["test"])
     return result, test
 
 
+class Run(NamedTuple):
+    """What `start_run` hands an experiment: the checked config and the run's devices."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh | None  # None: one device
+    sharding_rules: jdl.parallel.ShardingRules | None
+    started: float  # `time.perf_counter()` when the run started
+
+
+# The shared fields that need the devices set up by `start_run` (`setup_devices`).
+DEVICE_FIELDS = ("mesh_shape", "fsdp_min_size", "sharding_rules")
+PROCESS_FIELDS = ("coordinator_address", "num_processes", "process_id")
+
+
 def start_run(
     argv: Sequence[str],
     get_config: Callable[..., ml_collections.ConfigDict],
-    name: str,
+    default_dir: str,
     *checks: Callable[[ml_collections.ConfigDict], None],
-) -> tuple[ml_collections.ConfigDict, str]:
-    """The start every experiment shares: config, checks, workdir, cache.
+    unsupported: Sequence[str] = (),
+    reason: str = "",
+) -> Run:
+    """The start every experiment shares: config, checks, workdir, cache, devices.
 
-    Reads the command line, runs each `check(config)` and the declared choices (a
-    `ConfigError` before anything compiles), checks the workdir (`workdirs/NAME` by
-    default) can be written, and turns on the compilation cache when
+    Reads the command line; refuses (`reject_unsupported`) a changed value of a shared
+    field in `unsupported`, one the experiment cannot honour (`reason` says why); runs
+    each `check(config)` and the declared choices (a `ConfigError` before anything
+    compiles); checks the workdir (`default_dir` unless `--workdir` is given) can be
+    written; sets up the devices (`setup_devices`) unless the config has no mesh fields
+    or declares them all unsupported; and turns on the compilation cache when
     `config.compilation_cache` says so. Writes nothing: the run records are written by
     `jdl.fit` (`run_config=`) or `record_run` once the restore checks pass, so a refused
     resume leaves the earlier records intact.
-
-    Returns:
-      (config, workdir).
     """
     config, workdir = parse_experiment_command_line(argv, get_config)
+    reject_unsupported(config, get_config(), unsupported, reason)
     for check in checks:
         check(config)
     jdl.config.check_choices(config, config_choices(get_config))
-    workdir = workdir or default_workdir(name)
+    workdir = workdir or default_dir
     check_workdir(workdir)
-    if config.compilation_cache:
+    mesh, sharding_rules = None, None
+    device_fields = (*DEVICE_FIELDS, *PROCESS_FIELDS)
+    if "mesh_shape" in config and not set(device_fields) <= set(unsupported):
+        mesh, sharding_rules = setup_devices(config)
+    if config.get("compilation_cache"):
         jdl.enable_compilation_cache()
-    return config, workdir
+    return Run(config, workdir, mesh, sharding_rules, time.perf_counter())
+
+
+def reject_unsupported(
+    config: ml_collections.ConfigDict,
+    defaults: ml_collections.ConfigDict,
+    fields: Sequence[str],
+    reason: str = "",
+) -> None:
+    """Raises `ConfigError` when a field in `fields` differs from its value in `defaults`.
+
+    For shared `base_config` fields that an experiment cannot honour: a changed value is
+    refused in one line instead of being silently ignored.
+    """
+    for key in fields:
+        if key in config and config[key] != defaults.get(key):
+            why = f" ({reason})" if reason else ""
+            raise ConfigError(
+                f"config.{key}={config[key]!r} is not supported by this experiment{why}; "
+                f"leave it at {defaults.get(key)!r}"
+            )
+
+
+def model_rngs(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Rngs:
+    """The model's random streams from the config's seed: params `seed`, dropout `seed + 1`."""
+    seed = config.seed if seed is None else seed
+    return nnx.Rngs(params=seed, dropout=seed + 1)
+
+
+def config_num_steps(
+    config: ml_collections.ConfigDict, train_data: jdl.TrainData, duration: str | int | None = None
+) -> int:
+    """`config.duration` (or `duration`) in steps of `train_data`; `ConfigError` naming it."""
+    try:
+        return jdl.parse_duration(
+            config.duration if duration is None else duration,
+            steps_per_epoch=train_data.steps_per_epoch,
+            batch_size=config.batch_size,
+        )
+    except ConfigError as error:
+        raise ConfigError(f"config.duration: {error}") from None
+
+
+# `jdl.fit` keyword of each shared loop field of `base_config`, and how its value converts.
+_FIT_FIELDS: dict[str, tuple[str, Callable]] = {
+    "eval_every": ("eval_every", int),
+    "log_every": ("log_every", int),
+    "checkpoint_every": ("checkpoint_every", int),
+    "max_to_keep": ("max_to_keep", int),
+    "early_stopping_patience": ("early_stopping_patience", int),
+    "steps_per_dispatch": ("steps_per_dispatch", int),
+    "unroll": ("unroll", lambda unroll: unroll or True),  # 0: the whole chunk written out
+    "progress": ("progress", bool),
+    "profile_steps": ("profile_steps", lambda steps: tuple(steps) or None),
+}
+
+
+def fit_with_config(
+    config: ml_collections.ConfigDict,
+    state: jdl.TrainState,
+    *,
+    loss_fn: jdl.steps.LossFn,
+    train_data: jdl.TrainData,
+    num_steps: int,
+    workdir: str | None,
+    schedule: Callable | None = None,
+    augment_fn: AugmentFn | None = None,
+    run: Run | None = None,
+    **overrides,
+) -> jdl.FitResult:
+    """`jdl.fit` of `state` with the train step and loop settings of `config`'s shared fields.
+
+    The train step is `jdl.make_train_step(loss_fn, ...)` with the config's
+    `skip_nonfinite`, `precision` and `micro_batches`; the eval step
+    `jdl.make_eval_step(loss_fn)` at the same precision; the loop settings (eval, log and
+    checkpoint periods, `max_to_keep`, early stopping, steps per dispatch, unroll,
+    progress, profile steps) come from the config's fields of those names. A field the
+    config lacks leaves `jdl.fit`'s default. `run` supplies the mesh and sharding rules;
+    the config is recorded as the run's `config.json`. `overrides` are passed to
+    `jdl.fit` over all of these (e.g. `eval_step=`, `eval_data=`, `best_metric=`).
+    """
+    precision = config.get("precision", "fp32")
+    arguments = {
+        keyword: convert(config[key])
+        for key, (keyword, convert) in _FIT_FIELDS.items()
+        if key in config
+    }
+    arguments |= dict(
+        train_step=jdl.make_train_step(
+            loss_fn,
+            lr_schedule=schedule,
+            augment_fn=augment_fn,
+            skip_nonfinite=config.get("skip_nonfinite", False),
+            precision=precision,
+            micro_batches=config.get("micro_batches", 1),
+        ),
+        eval_step=jdl.make_eval_step(loss_fn, precision=precision),
+        mesh=None if run is None else run.mesh,
+        sharding_rules=None if run is None else run.sharding_rules,
+        run_config=config,
+    )
+    return jdl.fit(
+        state,
+        train_data=train_data,
+        num_steps=num_steps,
+        workdir=workdir,
+        **(arguments | overrides),
+    )
 
 
 def reject_init_from(config: ml_collections.ConfigDict) -> None:
@@ -590,11 +666,16 @@ def _read_final(path: str) -> dict:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def make_config_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-    """`jdl.make_optimizer` from a `base_config`-style config: returns (tx, schedule)."""
+def make_config_optimizer(
+    config: ml_collections.ConfigDict, num_steps: int, learning_rate: float | None = None
+):
+    """`jdl.make_optimizer` from a `base_config`-style config: returns (tx, schedule).
+
+    `learning_rate` replaces `config.learning_rate` (e.g. for a fine-tuning stage).
+    """
     return jdl.make_optimizer(
         config.optimizer,
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate if learning_rate is None else learning_rate,
         total_steps=num_steps,
         schedule=config.schedule,
         warmup_steps=config.warmup_steps,

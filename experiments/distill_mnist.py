@@ -30,9 +30,12 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    DEVICE_FIELDS,
+    PROCESS_FIELDS,
     base_config,
     check_config,
     check_sizes,
+    default_workdir,
     fit_and_test,
     record_run,
     reject_init_from,
@@ -89,10 +92,15 @@ def mlp(hidden, dropout: float, seed: int, num_classes: int) -> nnx.Module:
 
 @command
 def main(argv=None):
-    config, workdir = start_run(
-        argv, get_config, "distill_mnist", check_config, check_distill_config
+    config, workdir, *_, started = start_run(
+        argv,
+        get_config,
+        default_workdir("distill_mnist"),
+        check_config,
+        check_distill_config,
+        unsupported=("validation_fraction", *DEVICE_FIELDS, *PROCESS_FIELDS),
+        reason="it trains three models per seed on one device and scores the test split",
     )
-    started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     classes = dataset.num_classes
     finished = []  # whether each fit found its run already finished

@@ -35,10 +35,15 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    DEVICE_FIELDS,
+    PROCESS_FIELDS,
     base_config,
     check_batch_fits,
     check_config,
     check_sizes,
+    config_num_steps,
+    default_workdir,
+    fit_with_config,
     make_config_optimizer,
     record_run,
     reject_init_from,
@@ -84,9 +89,7 @@ def train_with_ema(config, dataset, seed: int, workdir: str):
     """Trains one seed's MLP keeping an EMA; returns (FitResult, raw test, EMA test)."""
     check_batch_fits(config.batch_size, len(dataset["train"]["y"]))
     train_data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=seed)
-    num_steps = jdl.parse_duration(
-        config.duration, steps_per_epoch=train_data.steps_per_epoch, batch_size=config.batch_size
-    )
+    num_steps = config_num_steps(config, train_data)
     model = jdl.models.MLP(
         28 * 28, config.hidden_sizes, dataset.num_classes, rngs=nnx.Rngs(params=seed)
     )
@@ -94,31 +97,18 @@ def train_with_ema(config, dataset, seed: int, workdir: str):
     state = jdl.TrainState.create(
         model, tx, seed=seed, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup
     )
-    loss_fn = jdl.classification_loss(label_smoothing=config.label_smoothing)
     scoring = jdl.classification_loss()
-    result = jdl.fit(
+    result = fit_with_config(
+        config,
         state,
-        train_step=jdl.make_train_step(
-            loss_fn,
-            lr_schedule=schedule,
-            augment_fn=translate_augmentation(config.augment_max_shift),
-            skip_nonfinite=config.skip_nonfinite,
-            precision=config.precision,
-            micro_batches=config.micro_batches,
-        ),
+        loss_fn=jdl.classification_loss(label_smoothing=config.label_smoothing),
+        schedule=schedule,
+        augment_fn=translate_augmentation(config.augment_max_shift),
         train_data=train_data,
         num_steps=num_steps,
+        workdir=workdir,
         eval_step=jdl.make_eval_step(scoring, use_ema=True),  # eval/ metrics: the EMA's
         eval_data=dataset["test"],
-        eval_every=config.eval_every,
-        log_every=config.log_every,
-        workdir=workdir,
-        checkpoint_every=config.checkpoint_every,
-        max_to_keep=config.max_to_keep,
-        steps_per_dispatch=config.steps_per_dispatch,
-        unroll=config.unroll or True,
-        progress=config.progress,
-        run_config=config,
     )
     raw = jdl.make_evaluator(jdl.make_eval_step(scoring), 1000)(result.state, dataset["test"])
     ema = jdl.make_evaluator(jdl.make_eval_step(scoring, use_ema=True), 1000)(
@@ -129,8 +119,15 @@ def train_with_ema(config, dataset, seed: int, workdir: str):
 
 @command
 def main(argv=None):
-    config, workdir = start_run(argv, get_config, "ema_mnist", check_config, check_ema_config)
-    started = time.perf_counter()
+    config, workdir, *_, started = start_run(
+        argv,
+        get_config,
+        default_workdir("ema_mnist"),
+        check_config,
+        check_ema_config,
+        unsupported=("validation_fraction", *DEVICE_FIELDS, *PROCESS_FIELDS),
+        reason="it trains one model per seed on one device and scores the test split",
+    )
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     results = {"test_accuracy": [], "ema_test_accuracy": [], "test_loss": [], "ema_test_loss": []}
     finished, steps = [], 0

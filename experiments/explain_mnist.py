@@ -31,9 +31,12 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    DEVICE_FIELDS,
+    PROCESS_FIELDS,
     base_config,
     check_config,
     check_sizes,
+    default_workdir,
     fit_and_test,
     report_final,
     start_run,
@@ -103,10 +106,15 @@ def attribution_maps(config, model: nnx.Module, images: jax.Array, target: jax.A
 
 @command
 def main(argv=None):
-    config, workdir = start_run(
-        argv, get_config, "explain_mnist", check_config, check_explain_config
+    config, workdir, *_, started = start_run(
+        argv,
+        get_config,
+        default_workdir("explain_mnist"),
+        check_config,
+        check_explain_config,
+        unsupported=("validation_fraction", *DEVICE_FIELDS, *PROCESS_FIELDS),
+        reason="it trains on one device and scores the test split",
     )
-    started = time.perf_counter()
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     model = jdl.models.CNN(
         1,

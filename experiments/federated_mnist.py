@@ -31,7 +31,13 @@ import optax
 from flax import nnx
 
 import jdl
-from experiments.common import check_sizes, record_run, report_final, start_run
+from experiments.common import (
+    check_sizes,
+    default_workdir,
+    record_run,
+    report_final,
+    start_run,
+)
 from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.techniques import federated
@@ -142,8 +148,9 @@ def train_federated(config, dataset, name: str, workdir: str) -> list[float]:
 
 @command
 def main(argv=None):
-    config, workdir = start_run(argv, get_config, "federated_mnist", check_federated_config)
-    started = time.perf_counter()
+    config, workdir, *_, started = start_run(
+        argv, get_config, default_workdir("federated_mnist"), check_federated_config
+    )
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     rounds = sorted(set(config.report_rounds))
     config.report_rounds = tuple(rounds)

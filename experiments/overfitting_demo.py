@@ -34,11 +34,11 @@ from flax import nnx
 import jdl
 from experiments.common import (
     check_sizes,
-    check_workdir,
     default_workdir,
-    parse_experiment_command_line,
+    fit_with_config,
     record_run,
     report_final,
+    start_run,
 )
 from jdl.cli import command
 from jdl.config import ConfigError
@@ -129,27 +129,23 @@ def train_once(c, splits, *, regularised: bool, workdir: str) -> dict:
         weight_decay=c.weight_decay if regularised else 0.0,
     )
     loss_fn = jdl.classification_loss()
-    eval_step = jdl.make_eval_step(loss_fn)
-    result = jdl.fit(
+    # The demo's config has no loop fields of its own: its evaluation period sets them.
+    result = fit_with_config(
+        c,
         jdl.TrainState.create(model, tx, seed=c.seed),
-        train_step=jdl.make_train_step(
-            loss_fn, augment_fn=make_augment(c) if regularised else None
-        ),
+        loss_fn=loss_fn,
+        augment_fn=make_augment(c) if regularised else None,
         train_data=jdl.InMemoryData(splits["train"], batch_size=c.batch_size, seed=c.seed),
         num_steps=c.steps,
-        eval_step=eval_step,
-        eval_data=splits["validation"],
-        eval_every=c.eval_every,
-        log_every=c.eval_every,
         workdir=workdir,
+        eval_data=splits["validation"],
+        log_every=c.eval_every,
         checkpoint_every=c.eval_every,
         best_metric="loss" if regularised and c.patience else None,
         best_mode="min",
         early_stopping_patience=c.patience if regularised else 0,
         steps_per_dispatch=10,
         unroll=1,
-        progress=c.progress,
-        run_config=c,
     )
     state = result.state
     if regularised and c.patience:  # the model we keep is the best one on validation
@@ -157,7 +153,7 @@ def train_once(c, splits, *, regularised: bool, workdir: str) -> dict:
             state, step=result.best["step"]
         )
         state = best.state
-    evaluate = jdl.make_evaluator(eval_step, 1000)
+    evaluate = jdl.make_evaluator(jdl.make_eval_step(loss_fn), 1000)
     train_accuracy = evaluate(state, splits["train"])["accuracy"]
     test_accuracy = evaluate(state, splits["test"])["accuracy"]
     records = jdl.read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -206,10 +202,9 @@ def plot(runs: dict, path: str) -> None:
 
 @command
 def main(argv=None):
-    config, workdir = parse_experiment_command_line(argv, get_config)
-    check_config(config)
-    workdir = workdir or default_workdir("overfitting_demo")
-    check_workdir(workdir)
+    config, workdir, *_ = start_run(
+        argv, get_config, default_workdir("overfitting_demo"), check_config
+    )
     splits = load_splits(config)
     started = time.perf_counter()
     runs = {}

@@ -27,9 +27,12 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    DEVICE_FIELDS,
+    PROCESS_FIELDS,
     base_config,
     check_config,
     check_sizes,
+    default_workdir,
     fit_and_test,
     record_run,
     reject_init_from,
@@ -93,8 +96,15 @@ def pruning(config, target: float):
 
 @command
 def main(argv=None):
-    config, workdir = start_run(argv, get_config, "prune_mnist", check_config, check_prune_config)
-    started = time.perf_counter()
+    config, workdir, *_, started = start_run(
+        argv,
+        get_config,
+        default_workdir("prune_mnist"),
+        check_config,
+        check_prune_config,
+        unsupported=("validation_fraction", *DEVICE_FIELDS, *PROCESS_FIELDS),
+        reason="it trains one model per sparsity on one device and scores the test split",
+    )
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     rows, finished = [], []
     for target in config.sparsities:

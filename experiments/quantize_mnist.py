@@ -32,13 +32,20 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    DEVICE_FIELDS,
+    PROCESS_FIELDS,
     base_config,
     check_batch_fits,
     check_config,
+    config_num_steps,
+    default_workdir,
+    fit_with_config,
+    make_config_optimizer,
     record_run,
     reject_init_from,
     report_final,
     start_run,
+    translate_augmentation,
 )
 from jdl.cli import command
 from jdl.config import ConfigError
@@ -75,23 +82,23 @@ def check_quantize_config(config) -> None:
 
 
 def train(model, data, duration, learning_rate, config, workdir):
-    """Adam on cross-entropy with `jdl.fit`; returns (the trained model in eval mode,
-    whether the workdir already held the finished run)."""
-    num_steps = jdl.parse_duration(
-        duration, steps_per_epoch=data.steps_per_epoch, batch_size=config.batch_size
-    )
-    tx, _ = jdl.make_optimizer("adam", learning_rate=learning_rate, total_steps=num_steps)
+    """The config's optimizer at `learning_rate` on cross-entropy with `jdl.fit`.
+
+    Returns (the trained model in eval mode, whether the workdir already held the
+    finished run).
+    """
+    num_steps = config_num_steps(config, data, duration)
+    tx, schedule = make_config_optimizer(config, num_steps, learning_rate=learning_rate)
     state = jdl.TrainState.create(model, tx, seed=config.seed)
-    result = jdl.fit(
+    result = fit_with_config(
+        config,
         state,
-        train_step=jdl.make_train_step(jdl.classification_loss()),
+        loss_fn=jdl.classification_loss(label_smoothing=config.label_smoothing),
+        schedule=schedule,
+        augment_fn=translate_augmentation(config.augment_max_shift),
         train_data=data,
         num_steps=num_steps,
-        log_every=config.log_every,
         workdir=workdir,
-        steps_per_dispatch=config.steps_per_dispatch,
-        progress=config.progress,
-        run_config=config,
     )
     trained = result.state.model()
     trained.eval()
@@ -139,7 +146,14 @@ def report(model, test, config) -> dict:
 
 @command
 def main(argv=None):
-    config, workdir = start_run(argv, get_config, "quantize_mnist", check_quantize_config)
+    config, workdir, *_ = start_run(
+        argv,
+        get_config,
+        default_workdir("quantize_mnist"),
+        check_quantize_config,
+        unsupported=("validation_fraction", "eval_every", *DEVICE_FIELDS, *PROCESS_FIELDS),
+        reason="it trains and measures on one device, without evaluations during training",
+    )
     dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
     check_batch_fits(config.batch_size, len(dataset["train"]["y"]))
     data = jdl.InMemoryData(dataset["train"], batch_size=config.batch_size, seed=config.seed)

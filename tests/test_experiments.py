@@ -424,3 +424,67 @@ def test_init_from_a_run_without_checkpoints_is_one_clear_error(tmp_path):
             [*TINY, f"--config.init_from={tmp_path / 'nothing'}", "--workdir", str(tmp_path / "w")]
         )
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_fit_with_config_passes_the_shared_fields_to_fit(monkeypatch):
+    import jdl
+    from experiments import common
+
+    config = common.base_config()
+    config.precision, config.micro_batches, config.skip_nonfinite = "bf16", 2, True
+    config.eval_every, config.log_every, config.checkpoint_every = 7, 3, 9
+    config.max_to_keep, config.steps_per_dispatch, config.unroll = 4, 5, 0
+    config.progress, config.profile_steps = False, (2, 3)
+    steps = []
+    monkeypatch.setattr(
+        jdl, "make_train_step", lambda loss_fn, **kwargs: steps.append(kwargs) or "train"
+    )
+    monkeypatch.setattr(jdl, "make_eval_step", lambda loss_fn, **kwargs: ("eval", kwargs))
+    monkeypatch.setattr(jdl, "fit", lambda state, **kwargs: (state, kwargs))
+    run = common.Run(config, "w", "MESH", "RULES", 0.0)
+    state, fitted = common.fit_with_config(
+        config, "S", loss_fn=None, train_data="D", num_steps=11, workdir="w", run=run,
+        best_metric="accuracy",
+    )  # fmt: skip
+    assert steps == [
+        dict(
+            lr_schedule=None, augment_fn=None, skip_nonfinite=True, precision="bf16",
+            micro_batches=2,
+        )
+    ]  # fmt: skip
+    assert state == "S" and fitted == dict(
+        train_step="train", eval_step=("eval", {"precision": "bf16"}), train_data="D",
+        num_steps=11, workdir="w", eval_every=7, log_every=3, checkpoint_every=9,
+        max_to_keep=4, early_stopping_patience=0, steps_per_dispatch=5, unroll=True,
+        progress=False, profile_steps=(2, 3), mesh="MESH", sharding_rules="RULES",
+        run_config=config, best_metric="accuracy",
+    )  # fmt: skip
+
+
+def test_start_run_builds_the_mesh_for_the_fit_call(tmp_path):
+    from experiments import common, iris_mlp
+
+    argv = ["--config.mesh_shape=data:-1", "--config.batch_size=16", "--workdir", str(tmp_path)]
+    run = common.start_run(argv, iris_mlp.get_config, "unused", common.check_config)
+    assert dict(run.mesh.shape) == {"data": 8} and run.workdir == str(tmp_path)
+    assert run.config.batch_size == 16 and run.sharding_rules is not None
+
+
+@pytest.mark.parametrize(
+    "name, override",
+    [
+        ("distill_mnist", "--config.mesh_shape=data:2"),
+        ("prune_mnist", "--config.validation_fraction=0.1"),
+        ("transfer_digits", "--config.optimizer=sgd"),
+        ("quantize_mnist", "--config.num_processes=2"),
+    ],
+)
+def test_shared_fields_an_experiment_cannot_honour_are_one_clear_error(name, override, tmp_path):
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as raised:
+        module.main([override, "--workdir", str(tmp_path / "run")])
+    message = str(raised.value).strip()
+    key = override.split("=")[0].removeprefix("--")
+    assert message.startswith(f"error: {key}=") and "is not supported" in message
+    assert "leave it at" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
