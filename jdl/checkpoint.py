@@ -637,6 +637,7 @@ class BestTracker:
         return {"best": self.best, "since_best": self.since_best}
 
     def load(self, saved: dict) -> None:
+        """Restores what `dump` returned."""
         self.best = saved.get("best", self.best)
         self.since_best = saved.get("since_best", self.since_best)
 

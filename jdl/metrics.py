@@ -269,7 +269,10 @@ def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: Arra
     Computed on the host in float64.
 
     Args:
-      mu1, mu2: means (D,). cov1, cov2: symmetric positive semi-definite (D, D).
+      mu1: the first mean, shape (D,).
+      cov1: the first covariance, symmetric positive semi-definite (D, D).
+      mu2: the second mean, shape (D,).
+      cov2: the second covariance, (D, D).
 
     Returns:
       The distance (>= 0 up to rounding) as a Python float.

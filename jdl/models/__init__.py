@@ -70,6 +70,7 @@ __all__ = [
     "ResNet",
     "SequenceClassifier",
     "TransformerBlock",
+    "VAE",
     "ViT",
     "activation_fn",
     "cpu_kernels",
