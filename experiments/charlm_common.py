@@ -28,16 +28,18 @@ from flax import nnx
 
 import jdl
 from experiments.common import (
+    PROCESS_FIELDS,
     base_config,
     check_config,
-    check_workdir,
-    config_choices,
+    config_num_steps,
     finite_round,
+    fit_with_config,
     has_checkpoint,
     initial_state,
     make_config_optimizer,
-    parse_experiment_command_line,
+    model_rngs,
     report_final,
+    start_run,
     workdir_lock,
 )
 from jdl import jsonio
@@ -147,14 +149,16 @@ def run_language_model(
       jdl.UserError: a bad config, prompt or workdir (before anything compiles), a
         checkpoint of another model or vocabulary; the workdir is left as it was.
     """
-    config, workdir = parse_experiment_command_line(argv, get_config)
-    check_lm_config(config)
-    if check_extra is not None:
-        check_extra(config)
-    jdl.config.check_choices(config, config_choices(get_config))
-    workdir = workdir or default_workdir
-    check_workdir(workdir)
-    started = time.perf_counter()
+    checks = (check_lm_config,) if check_extra is None else (check_lm_config, check_extra)
+    run = start_run(
+        argv,
+        get_config,
+        default_workdir,
+        *checks,
+        unsupported=PROCESS_FIELDS,
+        reason="the language models train in one process",
+    )
+    config, workdir = run.config, run.workdir
     text, source = load_corpus(config)
     vocab = text_data.CharVocab.from_text(text)
     prompt_ids = vocab.encode(config.sample_prompt)  # fails now, not after training
@@ -162,23 +166,14 @@ def run_language_model(
     train_data = text_data.RandomWindows(
         train_ids, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed
     )
-    num_steps = jdl.parse_duration(
-        config.duration,
-        steps_per_epoch=train_data.steps_per_epoch,
-        batch_size=config.batch_size,
-    )
+    num_steps = config_num_steps(config, train_data)
     tx, schedule = make_config_optimizer(config, num_steps)
-    if config.compilation_cache:
-        jdl.enable_compilation_cache()
     with workdir_lock(workdir):
         if jax.process_index() == 0:
             record_vocab(workdir, vocab)
-        model = build_model(
-            config, vocab.size, nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-        )
+        model = build_model(config, vocab.size, model_rngs(config))
         state = jdl.TrainState.create(model, tx, seed=config.seed)
         state = initial_state(state, config.init_from, workdir)
-        loss_fn = lm_loss(label_smoothing=config.label_smoothing)
         val_windows = text_data.eval_windows(val_ids, config.seq_len)
         print(
             f"{source}: {len(text):,} characters, vocabulary {vocab.size}; train "
@@ -187,31 +182,22 @@ def run_language_model(
             f"{jdl.count_params(state.params):,} parameters; devices: {jax.devices()}",
             flush=True,
         )
-        result = jdl.fit(
+        result = fit_with_config(
+            config,
             state,
-            train_step=jdl.make_train_step(
-                loss_fn, lr_schedule=schedule, skip_nonfinite=config.skip_nonfinite
-            ),
+            loss_fn=lm_loss(label_smoothing=config.label_smoothing),
+            schedule=schedule,
             train_data=train_data,
             num_steps=num_steps,
-            eval_step=jdl.make_eval_step(loss_fn),
-            eval_data=val_windows,
-            eval_every=config.eval_every,
-            eval_batch_size=config.eval_batch_size,
-            log_every=config.log_every,
             workdir=workdir,
-            checkpoint_every=config.checkpoint_every,
-            max_to_keep=config.max_to_keep,
+            run=run,
+            eval_data=val_windows,
+            eval_batch_size=config.eval_batch_size,
             best_metric="loss",
             best_mode="min",
-            early_stopping_patience=config.early_stopping_patience,
-            steps_per_dispatch=config.steps_per_dispatch,
-            unroll=config.unroll or True,
-            progress=config.progress,
-            run_config=config,
         )
     validation = result.eval_history[-1]  # fit evaluates at the last step
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - run.started
     sample_text = generate_text(config, vocab, result.state, sample, prompt_ids)
     print(
         f"SAMPLE (temperature {config.sample_temperature}, top-k {config.sample_top_k or 'all'}"

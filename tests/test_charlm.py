@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -284,3 +286,70 @@ def test_bad_config_values_are_rejected(tmp_path):
     ]:
         with pytest.raises(SystemExit, match=message):
             charlm_lstm.main([override, "--workdir", str(tmp_path / "run")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared config fields: honoured by the language models, or refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _charlm_argv(tmp_path, name: str, *extra: str) -> list[str]:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return [
+        *SMOKE,
+        *TINY["charlm_transformer"],
+        "--config.sample_chars=0",
+        f"--config.text_path={path}",
+        *extra,
+        "--workdir",
+        str(tmp_path / name),
+    ]
+
+
+def _recorded_losses(workdir) -> tuple[float, float]:
+    """(last train loss, final validation loss), unrounded, from the run's final.json."""
+    final = json.loads((workdir / "final.json").read_text())
+    return final["train"]["loss"], final["eval"]["loss"]
+
+
+def test_charlm_honours_micro_batches_and_precision(tmp_path, capsys):
+    charlm_transformer.main(_charlm_argv(tmp_path, "plain"))
+    charlm_transformer.main(_charlm_argv(tmp_path, "micro", "--config.micro_batches=2"))
+    charlm_transformer.main(_charlm_argv(tmp_path, "bf16", "--config.precision=bf16"))
+    plain = _recorded_losses(tmp_path / "plain")
+    # Two accumulated micro-batches make the full batch's update.
+    np.testing.assert_allclose(_recorded_losses(tmp_path / "micro"), plain, rtol=0, atol=1e-5)
+    bf16 = _recorded_losses(tmp_path / "bf16")
+    assert bf16 != plain  # bfloat16 rounding changes the losses ...
+    np.testing.assert_allclose(bf16, plain, rtol=0.02)  # ... a little
+
+
+@pytest.mark.slow  # a subprocess with two devices: a fresh compile
+def test_charlm_trains_on_a_data_mesh_like_on_one_device(tmp_path, capsys):
+    charlm_transformer.main(_charlm_argv(tmp_path, "single"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    argv = _charlm_argv(tmp_path, "mesh", "--config.mesh_shape=data:2")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.charlm_transformer", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("FINAL ")
+    mesh = _recorded_losses(tmp_path / "mesh")
+    assert all(np.isfinite(mesh))
+    np.testing.assert_allclose(mesh, _recorded_losses(tmp_path / "single"), rtol=0, atol=1e-5)
+
+
+def test_charlm_refuses_the_shared_fields_it_cannot_honour(tmp_path):
+    argv = _charlm_argv(tmp_path, "run", "--config.num_processes=2")
+    with pytest.raises(SystemExit) as raised:
+        charlm_transformer.main(argv)
+    message = str(raised.value)
+    assert "config.num_processes=2 is not supported" in message and "leave it at 0" in message
+    assert "\n" not in message.strip()
+    assert not (tmp_path / "run").exists()
