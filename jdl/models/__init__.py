@@ -21,6 +21,7 @@ from jdl.models.resnet import (
 from jdl.models.rnn import RNN, CharLM, GRUCell, LSTMCell, SequenceClassifier
 from jdl.models.transformer import (
     GPT,
+    BlockConfig,
     EncoderClassifier,
     MultiHeadAttention,
     TransformerBlock,
@@ -55,6 +56,7 @@ MODELS = {
 __all__ = [
     "ACTIVATIONS",
     "BasicBlock",
+    "BlockConfig",
     "Bottleneck",
     "CNN",
     "CharLM",
