@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 #: Submodules that are part of the public API (`jdl.losses`, ...).
 _SUBMODULES = frozenset(
     (
+        "audio",
         "cli",
         "compiler",
         "data",

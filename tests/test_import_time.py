@@ -63,8 +63,11 @@ def test_benchmark_reports_medians_and_their_ratio(capsys):
     assert figures["ratio"] == pytest.approx(
         figures["jdl_s"] / figures["jax_s"], rel=0.01, abs=1e-3
     )
-    assert [line.split()[1] for line in lines[:3]] == [
+    assert [line.split()[1] for line in lines[:5]] == [
         "import=jax",
         "import=jdl",
+        "import=jdl.fit",
         "jdl_over_jax=" + f"{figures['ratio']:.3f}",
+        "jdl.fit_over_jax=" + f"{figures['fit_ratio']:.3f}",
     ]
+    assert figures["fit_s"] > figures["jdl_s"]  # the training core is imported on first use
