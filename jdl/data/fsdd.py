@@ -321,6 +321,8 @@ __all__ = [
     "ChecksumMismatchError",
     "DatasetUnavailableError",
     "FsddFormatError",
+    "SAMPLE_RATE",
+    "SPEAKERS",
     "default_data_dir",
     "load_fsdd",
 ]
