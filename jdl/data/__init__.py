@@ -18,6 +18,7 @@ from jdl.data.augment import (
     translate,
 )
 from jdl.data.cifar10 import CifarFormatError, load_cifar10
+from jdl.data.cmudict import load_cmudict
 from jdl.data.dataset import Dataset, NonFiniteDataError, check_finite, stratified_split
 from jdl.data.digits import load_digits
 from jdl.data.fsdd import load_fsdd
@@ -61,6 +62,7 @@ __all__ = [
     "check_finite",
     "IdxFormatError",
     "load_cifar10",
+    "load_cmudict",
     "load_digits",
     "load_fsdd",
     "load_iris",

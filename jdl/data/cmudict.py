@@ -10,8 +10,8 @@ Choices (those of the published G2P tables, Yao & Zweig 2015 and Yolchuyeva et a
   them (69 symbols as in the file).
 - A word keeps all its pronunciations, in file order, duplicates (after stripping stress)
   removed. Training uses the first one (`encode_pairs(..., first_only=True)`); evaluation
-  counts a prediction as right when it matches any of them (`jdl.models.seq2seq`'s
-  `phoneme_error_rate` takes the closest reference), as in the literature.
+  counts a prediction as right when it matches any of them (`jdl.models.seq2seq.error_rates`
+  scores the closest reference), as in the literature.
 - Words are split, not lines: all pronunciations of a word are in the same split. The
   split is a seeded permutation of the sorted words: `fractions` (default 90/5/5) of
   train / validation / test. The published tables used a fixed 106,837 / 12,000 split of an

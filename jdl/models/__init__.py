@@ -19,6 +19,7 @@ from jdl.models.resnet import (
     resnet56,
 )
 from jdl.models.rnn import RNN, CharLM, GRUCell, LSTMCell, SequenceClassifier
+from jdl.models.seq2seq import Seq2SeqGRU, Seq2SeqTransformer
 from jdl.models.transformer import (
     GPT,
     BlockConfig,
@@ -70,6 +71,8 @@ __all__ = [
     "MultiHeadAttention",
     "RNN",
     "ResNet",
+    "Seq2SeqGRU",
+    "Seq2SeqTransformer",
     "SequenceClassifier",
     "TransformerBlock",
     "VAE",
