@@ -25,7 +25,13 @@ process's peak RSS, also reported, covers all phases at once). `lora_gap` is LoR
 validation loss minus full fine-tuning's.
 
 Target: `lora_gap` <= 0.05 nats/char with <= 5% of the parameters trainable.
-Measured with these defaults: see the numbers below (2 CPU cores).
+Measured with these defaults (826k parameters, vocabulary 96), 2 CPU cores (Intel Xeon,
+shared with other jobs: 35 min wall, 13.7 min of CPU time; expect about 12-15 min alone),
+jax 0.10.2: pretraining val 1.643 on Python; on Shakespeare zero-shot 2.959, full
+fine-tuning 1.826, LoRA 1.991 with 3.2% of the parameters trainable (gap 0.165: the
+target is not met), head only 2.211 (1.5%). Compiled-step memory: full 282 MB, LoRA 324
+MB, head 54 MB (activations dominate at this size: the weights and Adam's moments of
+the full model are 10 MB); peak RSS 1.3 GB.
 Last line: FINAL {"full_val_loss": ..., "lora_val_loss": ..., "lora_gap": ..., ...}.
 """
 
