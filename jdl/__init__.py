@@ -66,6 +66,12 @@ _EXPORTS_BY_MODULE = {
         "check_same_setup",
     ),
     "jdl.data.text": ("CharVocab", "RandomWindows"),
+    "jdl.data.tokenizer": (
+        "BPETokenizer",
+        "TokenizerFormatError",
+        "TokenizerNotFoundError",
+        "load_tokenizer",
+    ),
     "jdl.deploy": ("ExportError", "ModelLoadError", "NoCheckpointError", "load_model"),
     "jdl.errors": ("UserError",),
     "jdl.generative": ("GenerativeInputError",),
@@ -84,6 +90,7 @@ _EXPORTS_BY_MODULE = {
         "make_evaluator",
     ),
     "jdl.models.sizes": ("ModelSizeError",),
+    "jdl.models.transformer": ("generate_text",),
     "jdl.optim": ("OptimizerConfigError", "default_decay_mask", "make_optimizer", "make_schedule"),
     "jdl.parallel": (
         "ShardingError",
@@ -95,6 +102,7 @@ _EXPORTS_BY_MODULE = {
     "jdl.state": ("EmaError", "TrainState", "count_params"),
     "jdl.steps": ("LossOutputError", "classification_loss", "make_eval_step", "make_train_step"),
     "jdl.summary": ("Summary", "SummaryInputError", "summary"),
+    "jdl.techniques.lora": ("LoRAError",),
     "jdl.tensorboard": ("TensorBoardValueError",),
 }
 #: Each re-exported name -> the module that defines it.

@@ -549,7 +549,7 @@ def load_pretrained(
 
     Returns:
       The model; with `with_tokenizer`, the pair `(model, tokenizer)`, where the
-      tokenizer is None when the checkpoint has no tokenizer files.
+        tokenizer is None when the checkpoint has no tokenizer files.
 
     Raises:
       PretrainedUnavailableError: a local path that does not exist, or a Hub id that

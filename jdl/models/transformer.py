@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -647,7 +647,7 @@ def _nucleus(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def generate_text(
     model: GPT,
-    tokenizer,
+    tokenizer: Any,
     prompt: str,
     max_new_tokens: int,
     *,
