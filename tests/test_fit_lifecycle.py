@@ -22,15 +22,14 @@ from jdl.loop import NonFiniteLossError, UnknownMetricError
 
 WORKER = os.path.join(os.path.dirname(__file__), "signal_worker.py")
 sys.path.insert(0, os.path.dirname(__file__))
-from faults_worker import blobs as _blobs  # noqa: E402  (the workers' data, shared)
+from support import blobs, mlp_state  # noqa: E402
 
 NUM_STEPS = 1200
 
 
 def _state(hidden=32, optimizer="adam", lr=1e-2, seed=0):
-    model = jdl.models.MLP(8, (hidden,), 4, dropout=0.1, rngs=nnx.Rngs(params=seed, dropout=1))
     tx, _ = jdl.make_optimizer(optimizer, learning_rate=lr)
-    return jdl.TrainState.create(model, tx, seed=seed)
+    return mlp_state(hidden=(hidden,), tx=tx, seed=seed)
 
 
 _LOSS = jdl.classification_loss()
@@ -41,10 +40,10 @@ _EVAL_STEP = jdl.make_eval_step(_LOSS)
 def _fit(state, workdir=None, num_steps=40, **kwargs):
     options = dict(
         train_step=_TRAIN_STEP,
-        train_data=jdl.InMemoryData(_blobs(), batch_size=32, seed=0),
+        train_data=jdl.InMemoryData(blobs(), batch_size=32, seed=0),
         num_steps=num_steps,
         eval_step=_EVAL_STEP,
-        eval_data=_blobs(n=64, seed=1),
+        eval_data=blobs(n=64, seed=1),
         eval_every=10,
         log_every=10,
         workdir=None if workdir is None else str(workdir),
@@ -287,7 +286,7 @@ def test_an_unknown_best_metric_lists_the_available_ones(tmp_path):
 
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_labels_outside_the_models_classes_are_refused_before_training(tmp_path, split):
-    data = _blobs()
+    data = blobs()
     data["y"] = data["y"] + 1  # 1-based labels: 4 is outside the model's 4 classes
     kwargs = {"train_data": jdl.InMemoryData(data, batch_size=32, seed=0)}
     if split == "eval":
@@ -302,7 +301,7 @@ def test_empty_or_nonfinite_eval_data_is_refused_before_training(tmp_path):
     empty = {"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32)}
     with pytest.raises(EmptyDataError, match="no examples"):
         _fit(_state(), eval_data=empty)
-    bad = _blobs(n=64, seed=1)
+    bad = blobs(n=64, seed=1)
     bad["x"][3, 2] = np.nan
     with pytest.raises(NonFiniteDataError, match="eval_data"):
         _fit(_state(), eval_data=bad)
@@ -322,5 +321,5 @@ def test_a_run_longer_than_its_schedule_warns(capsys):
 def test_result_model_is_in_eval_mode():
     result = _fit(_state(), num_steps=10)
     model = result.model()
-    x = jnp.asarray(_blobs(n=16, seed=3)["x"])
+    x = jnp.asarray(blobs(n=16, seed=3)["x"])
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))  # no dropout

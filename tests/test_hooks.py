@@ -9,25 +9,10 @@ import json
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from support import blobs, mlp_state
 
 import jdl
 from jdl.hooks import EvalSet, Hook, HookError, Profile, SavePredictions, StopWhen
-
-
-def _blobs(n=256, classes=4, dim=8, seed=0):
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
-
-
-def _state():
-    model = jdl.models.MLP(8, (32,), 4, dropout=0.1, rngs=nnx.Rngs(params=0, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=1e-2)
-    return jdl.TrainState.create(model, tx, seed=0)
-
 
 _LOSS = jdl.classification_loss()
 _TRAIN_STEP = jdl.make_train_step(_LOSS)
@@ -37,7 +22,7 @@ _EVAL_STEP = jdl.make_eval_step(_LOSS)
 def _fit(workdir=None, num_steps=30, **kwargs):
     options = dict(
         train_step=_TRAIN_STEP,
-        train_data=jdl.InMemoryData(_blobs(), batch_size=32, seed=0),
+        train_data=jdl.InMemoryData(blobs(), batch_size=32, seed=0),
         num_steps=num_steps,
         log_every=10,
         workdir=None if workdir is None else str(workdir),
@@ -45,7 +30,7 @@ def _fit(workdir=None, num_steps=30, **kwargs):
         progress=False,
     )
     options.update(kwargs)
-    return jdl.fit(_state(), **options)
+    return jdl.fit(mlp_state(), **options)
 
 
 def _params(result):
@@ -80,7 +65,7 @@ def test_a_function_hook_and_schedule_errors():
 
 
 def test_an_extra_eval_set_logs_its_metrics(tmp_path):
-    ood = _blobs(n=90, seed=7)
+    ood = blobs(n=90, seed=7)
     extra = EvalSet("ood", _EVAL_STEP, ood, every=10)
     result = _fit(tmp_path, hooks=[extra])
     assert [h["step"] for h in extra.history] == [10, 20, 30]
@@ -91,7 +76,7 @@ def test_an_extra_eval_set_logs_its_metrics(tmp_path):
 
 
 def test_predictions_are_saved_at_their_steps(tmp_path):
-    inputs = _blobs(n=17, seed=3)["x"]
+    inputs = blobs(n=17, seed=3)["x"]
     hook = SavePredictions(inputs, every=15, transform=lambda y: y.argmax(-1))
     result = _fit(tmp_path, hooks=[hook])
     saved = sorted(glob.glob(str(tmp_path / "predictions" / "*.npy")))
@@ -119,7 +104,7 @@ def test_a_hook_error_stops_the_run_with_the_last_checkpoint_whole(tmp_path):
     assert not (tmp_path / ".lock").exists()
     checkpointer = jdl.Checkpointer(tmp_path / "checkpoints")
     assert checkpointer.all_steps()[-1] == 20
-    assert checkpointer.restore(_state()).step == 20  # whole and readable
+    assert checkpointer.restore(mlp_state()).step == 20  # whole and readable
     checkpointer.close()
     resumed = _fit(tmp_path)
     straight = _fit()
@@ -163,7 +148,7 @@ def test_an_eval_set_with_patience_stops_the_run_and_keeps_counting_across_a_res
     """The metric never improves after its first value (a tie is no improvement): with
     patience 2 the run stops two evaluations later — also when it was resumed between
     them, because the set's count is saved with the checkpoint."""
-    ood = _blobs(n=40, seed=5)
+    ood = blobs(n=40, seed=5)
 
     def watched():
         return EvalSet("ood", _CONSTANT_EVAL, ood, every=5, best_metric="const", patience=2)
@@ -209,7 +194,7 @@ def test_a_user_hook_state_is_saved_with_each_checkpoint_and_restored():
 
 
 def test_hooks_that_keep_state_need_distinct_names():
-    ood = _blobs(n=40, seed=5)
+    ood = blobs(n=40, seed=5)
     with pytest.raises(HookError, match="'ood'"):
         _fit(hooks=[EvalSet("ood", _EVAL_STEP, ood, every=5), EvalSet("ood", _EVAL_STEP, ood)])
     with pytest.raises(HookError, match="'eval'"):
@@ -231,7 +216,7 @@ def test_one_rule_of_best_for_the_loop_and_the_checkpointer(tmp_path):
     nan_first = BestTracker("loss", "min")
     assert not nan_first.update(1, {"loss": float("nan")}) and nan_first.best is None
     checkpointer = jdl.Checkpointer(tmp_path, max_to_keep=1, best_metric="accuracy")
-    state = _state()
+    state = mlp_state()
     for step, value in enumerate(values, 1):
         checkpointer.save(step, state.params, metrics={"accuracy": value})
     checkpointer.wait()
@@ -243,7 +228,7 @@ def test_one_rule_of_best_for_the_loop_and_the_checkpointer(tmp_path):
 def test_checkpoints_of_the_older_run_layout_resume_with_their_eval_history(tmp_path):
     """Before hooks kept their own state, the main evaluation's history and best were
     the top level of the run item: such a checkpoint resumes with them."""
-    eval_data = _blobs(n=60, seed=9)
+    eval_data = blobs(n=60, seed=9)
     options = dict(eval_step=_EVAL_STEP, eval_data=eval_data, eval_every=5, best_metric="accuracy")
     _fit(tmp_path, num_steps=10, **options)
     path = tmp_path / "checkpoints" / "10" / "manifest" / "metadata"

@@ -11,33 +11,25 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from support import blobs, mlp_state
 
 import jdl
 from jdl.loop import NonFiniteLossError
 
 
-def _blobs(n=512, classes=4, dim=8, seed=0):
-    centers = np.random.default_rng(1234).normal(0, 3, (classes, dim))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim))
-    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
-
-
 def _state(seed=0, dropout=0.1, lr=1e-2):
-    model = jdl.models.MLP(8, (32,), 4, dropout=dropout, rngs=nnx.Rngs(params=seed, dropout=1))
-    tx, _ = jdl.make_optimizer("adam", learning_rate=lr)
-    return jdl.TrainState.create(model, tx, seed=seed)
+    tx = None if lr == 1e-2 else jdl.make_optimizer("adam", learning_rate=lr)[0]
+    return mlp_state(dropout=dropout, seed=seed, tx=tx)
 
 
 def _fit(state, workdir=None, num_steps=60, **kwargs):
     loss = jdl.classification_loss()
     options = dict(
         train_step=jdl.make_train_step(loss),
-        train_data=jdl.InMemoryData(_blobs(), batch_size=32, seed=0),
+        train_data=jdl.InMemoryData(blobs(512), batch_size=32, seed=0),
         num_steps=num_steps,
         eval_step=jdl.make_eval_step(loss),
-        eval_data=_blobs(seed=1, n=100),
+        eval_data=blobs(seed=1, n=100),
         log_every=10,
         workdir=workdir,
         steps_per_dispatch=8,
@@ -78,7 +70,7 @@ def test_train_chunk_compiles_once():
         # ragged last chunk: all must reuse the first compiled program.
         state = _state()
         loss = jdl.classification_loss()
-        data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
+        data = jdl.InMemoryData(blobs(512), batch_size=32, seed=0)
         runner = jdl.make_chunk_runner(jdl.make_train_step(loss), data, 8)
         state, _ = runner(state, data.arrays, jnp.int32(8))
         after_first = len(compiles)
@@ -213,7 +205,7 @@ def test_rolled_blocks_train_the_same_steps(unroll):
 
 
 def test_rolled_chunk_metrics_are_zero_past_the_stop():
-    data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
+    data = jdl.InMemoryData(blobs(512), batch_size=32, seed=0)
     runner = jdl.make_chunk_runner(jdl.make_train_step(jdl.classification_loss()), data, 8, 3)
     state, metrics = runner(_state(), data.arrays, jnp.int32(5))  # a block of 3, then 2 steps
     assert int(state.step) == 5
@@ -281,9 +273,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     assert result.stopped_early
     assert result.step < 2000
     assert result.best is not None and result.best["step"] <= result.step - 30
-    checkpointer = jdl.Checkpointer(
-        tmp_path / "checkpoints", best_metric="loss", best_mode="min"
-    )
+    checkpointer = jdl.Checkpointer(tmp_path / "checkpoints", best_metric="loss", best_mode="min")
     assert checkpointer.best_step() == result.best["step"]
     assert result.best["step"] in checkpointer.all_steps()
     checkpointer.close()
@@ -291,7 +281,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
 
 def test_eval_masks_the_padded_tail():
     state = _state()
-    data = _blobs(n=37, seed=2)
+    data = blobs(n=37, seed=2)
     evaluate = jdl.make_evaluator(jdl.make_eval_step(jdl.classification_loss()), 10)
     metrics = evaluate(state, data)
     model = state.model()
@@ -331,7 +321,7 @@ def test_a_written_out_chunk_is_a_fully_unrolled_scan_with_no_loop_left():
     # the CPU's random-bits kernels, are the step's own and not counted.)
     import re
 
-    data = jdl.InMemoryData(_blobs(), batch_size=32, seed=0)
+    data = jdl.InMemoryData(blobs(512), batch_size=32, seed=0)
     train_step = jdl.make_train_step(jdl.classification_loss())
     state = _state()
     inputs = jax.device_put(data.arrays)
