@@ -31,6 +31,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -535,7 +536,7 @@ def load_pretrained(
     *,
     revision: str | None = None,
     with_tokenizer: bool = False,
-):
+) -> nnx.Module | tuple[nnx.Module, Any]:
     """A jdl model with the weights of a Hugging Face checkpoint, in eval mode.
 
     Args:
