@@ -849,10 +849,5 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def path_name(path: tuple) -> str:
     """A pytree key path as "a/b/0" (NNX `value` wrappers left out): the name rules match."""
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        if name == "value":  # NNX Variable wrapper: not part of the parameter's name
-            continue
-        parts.append(str(name))
-    return "/".join(parts)
+    kept = tuple(key for key in path if getattr(key, "name", getattr(key, "key", None)) != "value")
+    return jax.tree_util.keystr(kept, simple=True, separator="/")

@@ -145,15 +145,18 @@ def test_flipped_bytes_fall_back_to_the_older_checkpoint(tmp_path, caplog, num_b
     first, second = _save_two(tmp_path)
     _flip_middle_of_largest_data_file(tmp_path / "2", num_bytes)
 
-    # Without verification the flip restores silently into other values: the case to catch.
-    unverified = jdl.Checkpointer(tmp_path, checksums=False)
-    silently = unverified.restore(_state(seed=5))
-    unverified.close()
-    assert silently.step == 2
-    assert not np.array_equal(
-        silently.state.params["hidden"][0]["kernel"][...],
-        second.params["hidden"][0]["kernel"][...],
-    )
+    if num_bytes == 1:
+        # Without verification a flip restores silently into other values: the case to
+        # catch. (64 flipped bytes may also hit the file's own framing, which the reader
+        # notices by itself, depending on where the write put the arrays.)
+        unverified = jdl.Checkpointer(tmp_path, checksums=False)
+        silently = unverified.restore(_state(seed=5))
+        unverified.close()
+        assert silently.step == 2
+        assert not np.array_equal(
+            silently.state.params["hidden"][0]["kernel"][...],
+            second.params["hidden"][0]["kernel"][...],
+        )
 
     checkpointer = jdl.Checkpointer(tmp_path)
     with caplog.at_level(logging.WARNING, logger="jdl.checkpoint"):
