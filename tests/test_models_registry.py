@@ -45,8 +45,9 @@ class Case:
       input_shape: one example's shape at the default size ((T,) tokens for language models).
       tiny: overrides that make the model small and fast to compile.
       tiny_input_shape: one example's shape for the tiny model (None: `input_shape`).
-      task: "classify" (logits (B, K)), "lm" (next-token logits (B, T, V)) or "vae"
-        (decoder output shaped like the input, trained on the negative ELBO).
+      task: "classify" (logits (B, K)), "lm" (next-token logits (B, T, V)), "vae"
+        (decoder output shaped like the input, trained on the negative ELBO) or
+        "diffusion" (called with timesteps too; output shaped like the input).
       optimizer, learning_rate: the one step that must lower the loss.
       slow: train the tiny model only in the slow suite.
     """
@@ -112,6 +113,14 @@ CASES: dict[str, Case] = {
         optimizer="adam",
         learning_rate=1e-2,
     ),
+    "mnist_unet": Case(
+        (28, 28, 1),
+        {"channels": (8, 16), "attention_heads": 2},
+        task="diffusion",
+        optimizer="adam",
+        learning_rate=1e-2,
+        slow=True,  # two train steps of a 28x28 U-Net: over a minute on a loaded 2-core CPU
+    ),
 }
 NUM_CLASSES = 7  # not any default, so a head that ignores num_classes is caught
 
@@ -125,7 +134,7 @@ def _output_shape(model: nnx.Module, name: str, input_shape: tuple[int, ...]) ->
     """The documented output shape for a batch of `BATCH` inputs of `input_shape`."""
     if CASES[name].task == "lm":
         return (BATCH, *input_shape, model.vocab_size)
-    if CASES[name].task == "vae":
+    if CASES[name].task in ("vae", "diffusion"):
         return (BATCH, *input_shape)
     return (BATCH, NUM_CLASSES)
 
@@ -146,7 +155,16 @@ def _lm_loss(model: nnx.Module, batch: dict) -> dict:
     return {"loss": jnp.mean(xent, axis=-1)}
 
 
+def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+    """The forward pass; a diffusion model also takes timesteps (all 0 here)."""
+    if isinstance(model, jdl.models.UNet):
+        return model(x, jnp.zeros(x.shape[:1], jnp.int32))
+    return model(x)
+
+
 def _loss_fn(name: str) -> Callable:
+    if CASES[name].task == "diffusion":
+        return jdl.diffusion.diffusion_loss(jdl.diffusion.make_schedule("linear", 100))
     if CASES[name].task == "vae":
         return jdl.models.vae.vae_loss()
     return _lm_loss if CASES[name].task == "lm" else jdl.classification_loss()
@@ -168,7 +186,7 @@ def test_every_registry_entry_has_a_case():
 
 def _abstract_forward(model: nnx.Module, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     graphdef, state = nnx.split(model)
-    return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+    return jax.eval_shape(lambda state, x: _call(nnx.merge(graphdef, state), x), state, x)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -264,9 +282,9 @@ def test_tiny_model_forward_and_one_step_lowers_loss(name):
     def train_and_eval_outputs(state, x):
         model = nnx.merge(graphdef, state)
         model.train()
-        train_out = model(x)
+        train_out = _call(model, x)
         model.eval()
-        return train_out, model(x)
+        return train_out, _call(model, x)
 
     graphdef, state = nnx.split(model)
     for mode, out in zip(("train", "eval"), train_and_eval_outputs(state, x), strict=True):
@@ -332,6 +350,7 @@ BAD_SIZES = {
         for name in ("gpt_tiny", "gpt_small")
     },
     "mnist_vae": [("latent_dim", 0), ("channels", (32, 0)), ("hidden_size", -1)],
+    "mnist_unet": [("num_classes", 0), ("channels", (32, 0)), ("num_res_blocks", 0)],
 }
 
 

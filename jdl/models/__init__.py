@@ -30,6 +30,7 @@ from jdl.models.transformer import (
     gpt_small,
     gpt_tiny,
 )
+from jdl.models.unet import UNet
 from jdl.models.vae import VAE
 from jdl.models.vit import ViT, vit_b16, vit_cifar, vit_tiny
 
@@ -52,6 +53,7 @@ MODELS = {
     "gpt_tiny": gpt_tiny,
     "gpt_small": gpt_small,
     "mnist_vae": VAE,  # takes no num_classes: (B, 28, 28, 1) -> decoder logits
+    "mnist_unet": UNet,  # (x (B, 28, 28, 1), t (B,), y (B,) | None) -> (B, 28, 28, 1)
 }
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "Seq2SeqTransformer",
     "SequenceClassifier",
     "TransformerBlock",
+    "UNet",
     "VAE",
     "ViT",
     "activation_fn",
