@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from jax.extend import core as jex_core
 
-# One counting rule for jdl.summary and the benchmarks.
-from jdl.summary import _conv_flops, _dot_general_flops, _sub_jaxprs
+# One counting rule for jdl.summary (jdl/model_summary.py) and the benchmarks.
+from jdl.model_summary import _conv_flops, _dot_general_flops, _sub_jaxprs
 
 TRAINING_FLOPS_PER_FORWARD = 3
 

@@ -293,7 +293,7 @@ def _train_classifier(run: Run, load_data, build_model, make_augment) -> dict:
     )
     model_summary = None
     if jax.process_index() == 0:
-        from jdl.summary import summary
+        from jdl.model_summary import summary
 
         x = train_split["x"]  # shape and dtype only: a global array needs no gathering
         model_summary = summary(model, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))

@@ -103,7 +103,7 @@ _EXPORTS_BY_MODULE = {
     ),
     "jdl.state": ("EmaError", "TrainState", "count_params"),
     "jdl.steps": ("LossOutputError", "classification_loss", "make_eval_step", "make_train_step"),
-    "jdl.summary": ("Summary", "SummaryInputError", "summary"),
+    "jdl.model_summary": ("Summary", "SummaryInputError", "summary"),
     "jdl.techniques.lora": ("LoRAError",),
     "jdl.tensorboard": ("TensorBoardValueError",),
 }

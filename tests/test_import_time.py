@@ -71,3 +71,23 @@ def test_benchmark_reports_medians_and_their_ratio(capsys):
         "jdl.fit_over_jax=" + f"{figures['fit_ratio']:.3f}",
     ]
     assert figures["fit_s"] > figures["jdl_s"]  # the training core is imported on first use
+
+
+def test_no_reexport_is_shadowed_by_a_submodule_of_the_same_name():
+    # `import jdl.X` binds jdl.X to the module, so a re-exported function named X would be
+    # lost once anything imports the module. The one such name, `predict`, is a package
+    # whose module object forwards calls to the function (tests/test_predict_cli.py).
+    import pathlib
+
+    import jdl
+
+    package = pathlib.Path(jdl.__file__).parent
+    clashes = sorted(
+        name
+        for name in jdl._EXPORTS
+        if (package / f"{name}.py").exists() or (package / name).is_dir()
+    )
+    assert clashes == ["predict"]
+    import jdl.model_summary  # noqa: F401 - the module behind jdl.summary
+
+    assert callable(jdl.summary) and not isinstance(jdl.summary, type(jdl))

@@ -56,7 +56,9 @@ def _kill(holder):
 
 
 def _record(workdir) -> dict:
-    return json.loads((workdir / ".lock").read_text())
+    # As jdl reads it: a heartbeat rewrites the record in place and cuts it to length
+    # after, so a read in between may see leftovers after the JSON object.
+    return json.JSONDecoder().raw_decode((workdir / ".lock").read_text())[0]
 
 
 def _write_record(workdir, **owner):

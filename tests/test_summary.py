@@ -14,8 +14,8 @@ from flax import nnx
 
 import jdl
 from benchmarks.flops import forward_flops
+from jdl.model_summary import Summary, SummaryInputError, summary
 from jdl.models import MODELS, SequenceClassifier
-from jdl.summary import Summary, SummaryInputError, summary
 
 
 def _forward(model):
