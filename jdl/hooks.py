@@ -384,20 +384,6 @@ class Profile(Hook):
         self.first, self.last, self.directory = first, last, directory
         self.tracing = False
 
-    def wants_call(self, context: HookContext) -> bool:
-        """Whether to call the hook at this boundary: when it is due. A hook that must also
-        act at other boundaries (e.g. saving when the run stops) overrides this; it is
-        only asked at boundaries where some hook is due or the run stops."""
-        return self.is_due(context.step, context.num_steps)
-
-    def state_dict(self) -> dict | None:
-        """What the hook must remember across a resume (JSON-able), saved with every
-        checkpoint under its `name`; None (the default) for a hook with nothing to keep."""
-        return None
-
-    def load_state_dict(self, saved: Mapping) -> None:
-        """Restores what `state_dict` returned, when a run resumes from a checkpoint."""
-
     def on_start(self, context: HookContext) -> None:
         if context.step == self.first - 1:  # the trace covers the very next chunk
             self.start(context.workdir)
