@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import serve_directory
 
 import jdl
 from jdl.data import fsdd
@@ -86,25 +82,6 @@ def _archive(files: dict[str, bytes], extra: dict[str, bytes] | None = None) -> 
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class.
-        pass
-
-
-@contextlib.contextmanager
-def _serve(directory: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # ------------------------------------------------------------------- the real recordings
@@ -241,7 +218,7 @@ def test_download_extracts_only_the_recordings_atomically(tmp_path, monkeypatch,
     evil = {"free-spoken-digit-dataset-1.0.10/recordings/../../evil.wav": b"x"}
     (served / "release.tar.gz").write_bytes(_archive(tiny, evil))
     target = tmp_path / "data" / "fsdd"
-    with _serve(served) as base:
+    with serve_directory(served) as base:
         monkeypatch.setattr(
             fsdd, "ARCHIVE_URLS", (base + "missing.tar.gz", base + "release.tar.gz")
         )
@@ -261,7 +238,7 @@ def test_a_corrupt_download_leaves_nothing_behind(tmp_path, monkeypatch, tiny):
     corrupt = {**tiny, "4_alice_3.wav": tiny["4_alice_3.wav"][:-2] + b"\x00\x01"}
     (served / "release.tar.gz").write_bytes(_archive(corrupt))
     target = tmp_path / "fsdd"
-    with _serve(served) as base:
+    with serve_directory(served) as base:
         monkeypatch.setattr(fsdd, "ARCHIVE_URLS", (base + "release.tar.gz",))
         with pytest.raises(fsdd.ChecksumMismatchError, match="sha256"):
             jdl.data.load_fsdd(data_dir=target)
@@ -269,7 +246,7 @@ def test_a_corrupt_download_leaves_nothing_behind(tmp_path, monkeypatch, tiny):
 
 
 def test_offline_says_in_one_line_where_to_put_the_files(tmp_path, monkeypatch):
-    with _serve(tmp_path) as base:
+    with serve_directory(tmp_path) as base:
         closed = base  # the server stops when the block ends: nothing listens any more
     monkeypatch.setattr(fsdd, "ARCHIVE_URLS", (closed + "release.tar.gz",))
     for download in (True, False):
