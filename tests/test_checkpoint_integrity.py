@@ -242,8 +242,10 @@ def test_two_item_checkpoints_restore_unverified_without_run_state(tmp_path):
     assert restored.step == 2 and restored.data_state == {"s": 2} and restored.run_state == {}
     _assert_bitwise_equal(restored.state, second)
     _assert_bitwise_equal(checkpointer.restore_weights(_state(seed=3)).params, second.params)
-    # Nothing to verify against: a flipped byte restores silently, as it always did.
-    _flip_middle_of_largest_data_file(tmp_path / "2", 64)
+    # Nothing to verify against: a flipped byte restores silently, as it always did. (One
+    # byte in the middle lands in array data; more may hit the file's framing, which the
+    # reader notices by itself.)
+    _flip_middle_of_largest_data_file(tmp_path / "2", 1)
     assert checkpointer.restore(_state(seed=3)).step == 2
     checkpointer.close()
 
