@@ -26,6 +26,7 @@ from jdl.data.idx import IdxFormatError, read_idx, write_idx
 from jdl.data.iris import load_iris
 from jdl.data.mnist import ChecksumMismatchError, DatasetUnavailableError, load_mnist
 from jdl.data.mnist1d import load_mnist1d
+from jdl.data.tatoeba import TatoebaFormatError, load_tatoeba
 from jdl.data.text import (
     CharVocab,
     RandomWindows,
@@ -62,6 +63,7 @@ __all__ = [
     "IdxFormatError",
     "NonFiniteDataError",
     "RandomWindows",
+    "TatoebaFormatError",
     "TokenizerFormatError",
     "TokenizerNotFoundError",
     "UnknownCharacterError",
@@ -76,6 +78,7 @@ __all__ = [
     "load_mnist",
     "load_mnist1d",
     "load_stdlib_source",
+    "load_tatoeba",
     "load_text",
     "load_tokenizer",
     "mixup",
