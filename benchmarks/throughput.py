@@ -88,10 +88,14 @@ MFU (model FLOP utilisation) is jdl's achieved model FLOP/s over the machine's p
 The machine may be shared with other work, so timings are noisy: the peers are timed in
 turn (the order rotates every repeat) and each peer's figure is its median over the
 repeats. Ratios are jdl's median throughput over the peer's, measured in the same run;
-above 1 means jdl is faster. Each ratio is printed with its spread (half the range of its
-per-repeat values, as a +- share of the median); while vs_pure_jax spreads by more than
-+-3%, more repeats are run, up to `--max-repeats` (default 9), and the RESULT line
-carries the spread reached. After the detail lines of each model comes one line:
+above 1 means jdl is faster. Each ratio is printed with its spread: half the
+interquartile range of its per-repeat values (each repeat times the peers one after the
+other), as a +- share of their median. The interquartile range rather than the full range,
+because on a shared machine one repeat that another process disturbs would otherwise set
+the figure alone (with two or three repeats it is half the range). While vs_pure_jax has
+fewer than 5 repeats or spreads by more than +-3%, jdl and pure_jax alone are timed again,
+up to `--max-repeats` (default 9), and the RESULT line carries the spread reached. After
+the detail lines of each model comes one line:
 
     RESULT model=<name> jdl_samples_per_s=<x> vs_pure_jax=<r> vs_torch_eager=<r> \
 vs_torch_compile=<r> mfu=<fraction> spread_pure_jax=<fraction>
@@ -875,12 +879,15 @@ class ModelResult:
 
 
 def ratio_spread(rates: dict[str, list[float]], peer: str) -> float:
-    """Half the range of the per-repeat ratios jdl/peer (each repeat times both, one after
-    the other), over their median: the ratio's +- noise as a fraction (nan below 2)."""
+    """Half the interquartile range of the per-repeat ratios jdl/peer (each repeat times
+    both, one after the other), over their median: the ratio's +- noise as a fraction (nan
+    below 2 repeats). Quartiles are interpolated between repeats (`inclusive`), so with two
+    or three repeats this is a quarter of their range."""
     ratios = [j / p for j, p in zip(rates["jdl"], rates.get(peer, []), strict=False)]
     if len(ratios) < 2:
         return float("nan")
-    return (max(ratios) - min(ratios)) / 2 / statistics.median(ratios)
+    lower, _, upper = statistics.quantiles(ratios, n=4, method="inclusive")
+    return (upper - lower) / 2 / statistics.median(ratios)
 
 
 def format_rate(value: float, grouped: bool = False) -> str:
@@ -993,6 +1000,7 @@ def measure(
 
 
 SPREAD_TARGET = 0.03  # the +- on vs_pure_jax that a figure must reach to be recorded
+MIN_SPREAD_REPEATS = 5  # fewer repeats say too little about the quartiles
 
 
 def repeat_while_noisy(
@@ -1002,16 +1010,19 @@ def repeat_while_noisy(
     rates: dict[str, list[float]],
     max_repeats: int,
 ) -> dict[str, list[float]]:
-    """More repeats, up to `max_repeats`, while the jdl/pure_jax ratio moves by more than
-    +-`SPREAD_TARGET` between repeats: the median then rests on more, and a figure whose
-    spread stays wide says so on its RESULT line."""
-    while (
-        "pure_jax" in rates
-        and len(rates["jdl"]) < max_repeats
-        and not ratio_spread(rates, "pure_jax") <= SPREAD_TARGET
-    ):
-        more = measure(peers, steps, batch_size, 1, first_repeat=len(rates["jdl"]))
-        rates = {name: rates[name] + more[name] for name in rates}
+    """More repeats of jdl and pure_jax (the other peers keep theirs), up to `max_repeats`,
+    while they have fewer than `MIN_SPREAD_REPEATS` or their ratio spreads by more than
+    +-`SPREAD_TARGET`: the median then rests on more, and a figure whose spread stays wide
+    says so on its RESULT line."""
+    paired = [peer for peer in peers if peer.name in ("jdl", "pure_jax")]
+
+    def noisy() -> bool:
+        few = len(rates["jdl"]) < MIN_SPREAD_REPEATS
+        return few or not ratio_spread(rates, "pure_jax") <= SPREAD_TARGET
+
+    while "pure_jax" in rates and len(rates["jdl"]) < max_repeats and noisy():
+        more = measure(paired, steps, batch_size, 1, first_repeat=len(rates["jdl"]))
+        rates = {name: rates[name] + more.get(name, []) for name in rates}
     return rates
 
 

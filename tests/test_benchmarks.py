@@ -473,25 +473,48 @@ def test_xla_cpu_options_quick_run_times_every_setting(capsys):
 
 
 def test_ratio_spread_and_extra_repeats_while_the_ratio_is_noisy():
-    from benchmarks.throughput import ratio_spread, repeat_while_noisy
+    from benchmarks.throughput import MIN_SPREAD_REPEATS, ratio_spread, repeat_while_noisy
 
-    rates = {"jdl": [100.0, 100.0, 100.0], "pure_jax": [100.0, 95.0, 105.0]}
-    ratios = [1.0, 100 / 95, 100 / 105]
-    expected = (max(ratios) - min(ratios)) / 2 / sorted(ratios)[1]
+    # Five repeats, one disturbed (pure_jax at half speed): the quartiles ignore it.
+    rates = {"jdl": [100.0] * 5, "pure_jax": [100.0, 98.0, 102.0, 50.0, 101.0]}
+    ratios = sorted(100 / p for p in rates["pure_jax"])  # 0.980, 0.990, 1.000, 1.020, 2.000
+    expected = (ratios[3] - ratios[1]) / 2 / ratios[2]
     assert ratio_spread(rates, "pure_jax") == pytest.approx(expected)
+    assert expected < 0.02 < (ratios[-1] - ratios[0]) / 2  # the full range would say +-50%
+    # Two or three repeats: interpolated quartiles are a quarter of the range.
+    three = {"jdl": [100.0, 100.0, 100.0], "pure_jax": [100.0, 95.0, 105.0]}
+    ratios = [1.0, 100 / 95, 100 / 105]
+    assert ratio_spread(three, "pure_jax") == pytest.approx(
+        (max(ratios) - min(ratios)) / 4 / sorted(ratios)[1]
+    )
     assert math.isnan(ratio_spread({"jdl": [1.0], "pure_jax": [1.0]}, "pure_jax"))
 
     class Peer:  # a peer whose step time is scripted: noisy at first, then steady
         def __init__(self, name, seconds):
             self.name, self.seconds = name, list(seconds)
+            self.timed = 0
 
         def time_steps(self, steps):
+            self.timed += 1
             return self.seconds.pop(0) if len(self.seconds) > 1 else self.seconds[0]
 
-    peers = [Peer("jdl", [1.0]), Peer("pure_jax", [1.0, 1.2, 0.8, 1.0])]
-    first = {"jdl": [10.0, 10.0], "pure_jax": [10.0, 7.0]}  # +-18%: too wide
-    more = repeat_while_noisy(peers, 10, 1, first, max_repeats=9)
-    assert 2 < len(more["jdl"]) <= 9 and len(more["jdl"]) == len(more["pure_jax"])
+    torch = Peer("torch_eager", [2.0])
+    peers = [Peer("jdl", [1.0]), Peer("pure_jax", [1.3, 1.0]), torch]
+    first = {"jdl": [10.0, 10.0], "pure_jax": [10.0, 5.0], "torch_eager": [5.0, 5.0]}
+    more = repeat_while_noisy(peers, 10, 1, first, max_repeats=12)
+    # Ratios 1, 2, 1.3, then 1.0 until the quartiles close in: 9 repeats.
+    assert len(more["jdl"]) == len(more["pure_jax"]) == 9
+    assert (
+        ratio_spread(more, "pure_jax")
+        <= 0.03
+        < ratio_spread({name: values[:8] for name, values in more.items()}, "pure_jax")
+    )
     assert more["jdl"][:2] == first["jdl"]
+    # Steady from the start: repeats go on only up to the minimum the quartiles need.
+    few = {"jdl": [10.0, 10.0], "pure_jax": [10.0, 10.0]}
+    assert len(repeat_while_noisy(peers, 10, 1, few, max_repeats=9)["jdl"]) == MIN_SPREAD_REPEATS
+    assert more["torch_eager"] == first["torch_eager"] and torch.timed == 0  # not re-timed
+    steady = {"jdl": [10.0] * 5, "pure_jax": [10.0] * 5}
+    assert repeat_while_noisy(peers, 10, 1, steady, max_repeats=9) == steady
     capped = repeat_while_noisy(peers, 10, 1, first, max_repeats=2)
     assert capped == first  # the cap holds; the RESULT line then shows the wide spread
