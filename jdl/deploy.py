@@ -453,11 +453,9 @@ def _onnx_model(model: nnx.Module, shape: tuple[int, ...], dtype: np.dtype):
                 output_names=["y"],
             )
         except (NotImplementedError, TypeError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ExportError(
-                f"the ONNX converter cannot express {type(model).__name__} "
-                f"({type(error).__name__}: {first[:200]}); export format 'stablehlo' instead"
-            ) from None
+            from jdl.export.unsupported import converter_error  # names the operation
+
+            raise converter_error(error, type(model).__name__) from None
 
 
 def _write_onnx(proto: Any, path: str) -> None:
