@@ -11,8 +11,8 @@ translations has one line per translation.
 Where the file is looked up when no `path` is given, first match wins: `$JDL_DATA_DIR/tatoeba`
 (when the variable is set), the offline copy `shared/data` beside this checkout, then
 `~/.cache/jdl/tatoeba`; in each, the full corpus `tatoeba-eng-fra.tsv` before the 5,000-pair
-excerpt `tatoeba-eng-fra-5k.tsv` (the first 5,000 lines of the full file: its shortest
-pairs). When none exists, `fra-eng.zip` is downloaded and its `fra.txt` is written to
+excerpt `tatoeba-eng-fra-5k.tsv` (the full file's 5,000 shortest pairs, in its
+order). When none exists, `fra-eng.zip` is downloaded and its `fra.txt` is written to
 `tatoeba-eng-fra.tsv` in `$JDL_DATA_DIR/tatoeba` (or `~/.cache/jdl/tatoeba`). The archive is
 rebuilt by its publisher as Tatoeba grows, so no fixed checksum exists; instead every line is
 parsed with the same strict rules as a local file before the result is renamed into place,
