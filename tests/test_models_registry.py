@@ -47,7 +47,8 @@ class Case:
       tiny_input_shape: one example's shape for the tiny model (None: `input_shape`).
       task: "classify" (logits (B, K)), "lm" (next-token logits (B, T, V)), "vae"
         (decoder output shaped like the input, trained on the negative ELBO) or
-        "diffusion" (called with timesteps too; output shaped like the input).
+        "diffusion" (called with timesteps too; output shaped like the input) or "gan"
+        (latents in, generated images out, trained on the generator's loss).
       optimizer, learning_rate: the one step that must lower the loss.
       slow: train the tiny model only in the slow suite.
     """
@@ -121,6 +122,14 @@ CASES: dict[str, Case] = {
         learning_rate=1e-2,
         slow=True,  # two train steps of a 28x28 U-Net: over a minute on a loaded 2-core CPU
     ),
+    "mnist_gan": Case(
+        (64,),  # latents z; the output is the generator's image
+        {"latent_dim": 4, "channels": (2, 4), "hidden_size": 8},
+        (4,),
+        task="gan",
+        optimizer="adam",
+        learning_rate=1e-2,
+    ),
 }
 NUM_CLASSES = 7  # not any default, so a head that ignores num_classes is caught
 
@@ -136,6 +145,8 @@ def _output_shape(model: nnx.Module, name: str, input_shape: tuple[int, ...]) ->
         return (BATCH, *input_shape, model.vocab_size)
     if CASES[name].task in ("vae", "diffusion"):
         return (BATCH, *input_shape)
+    if CASES[name].task == "gan":
+        return (BATCH, *model.image_shape)
     return (BATCH, NUM_CLASSES)
 
 
@@ -167,6 +178,10 @@ def _loss_fn(name: str) -> Callable:
         return jdl.diffusion.diffusion_loss(jdl.diffusion.make_schedule("linear", 100))
     if CASES[name].task == "vae":
         return jdl.models.vae.vae_loss()
+    if CASES[name].task == "gan":  # the non-saturating generator loss of D(G(z))
+        return lambda model, batch: {
+            "loss": jdl.models.gan.generator_loss(model.discriminator(model(batch["x"])))
+        }
     return _lm_loss if CASES[name].task == "lm" else jdl.classification_loss()
 
 
@@ -351,6 +366,7 @@ BAD_SIZES = {
     },
     "mnist_vae": [("latent_dim", 0), ("channels", (32, 0)), ("hidden_size", -1)],
     "mnist_unet": [("num_classes", 0), ("channels", (32, 0)), ("num_res_blocks", 0)],
+    "mnist_gan": [("latent_dim", 0), ("channels", (32, 0)), ("hidden_size", -1)],
 }
 
 

@@ -6,6 +6,8 @@ and `rngs=...` plus its own overrides.
 
 from jdl.models import cpu_kernels
 from jdl.models.cnn import CNN, Conv2D, pool
+from jdl.models.ctc import CTCAcousticModel
+from jdl.models.gan import GAN, Discriminator, Generator
 from jdl.models.mlp import ACTIVATIONS, MLP, activation_fn
 from jdl.models.resnet import (
     BasicBlock,
@@ -54,6 +56,7 @@ MODELS = {
     "gpt_small": gpt_small,
     "mnist_vae": VAE,  # takes no num_classes: (B, 28, 28, 1) -> decoder logits
     "mnist_unet": UNet,  # (x (B, 28, 28, 1), t (B,), y (B,) | None) -> (B, 28, 28, 1)
+    "mnist_gan": GAN,  # (z (B, latent_dim), y (B,) | None) -> generated (B, 28, 28, 1)
 }
 
 __all__ = [
@@ -62,11 +65,15 @@ __all__ = [
     "BlockConfig",
     "Bottleneck",
     "CNN",
+    "CTCAcousticModel",
     "CharLM",
     "Conv2D",
+    "Discriminator",
     "EncoderClassifier",
+    "GAN",
     "GPT",
     "GRUCell",
+    "Generator",
     "LSTMCell",
     "MLP",
     "MODELS",
