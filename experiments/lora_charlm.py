@@ -95,9 +95,12 @@ def get_config(arg: str | None = None):
     c.finetune_learning_rate = 1e-3
     c.lora_learning_rate = 1e-2
     c.head_learning_rate = 1e-2
-    c.lora_rank = 8
-    c.lora_alpha = 16.0
-    c.lora_targets = "attn/qkv,attn/out,head"  # module path suffixes, comma-separated
+    c.lora_rank = 3
+    c.lora_alpha = 6.0
+    c.lora_targets = "attn/qkv,attn/out,mlp/fc1,mlp/fc2"  # module path suffixes, comma-separated
+    # Trained in full next to the adapters (fnmatch patterns over parameter paths, comma-
+    # separated): the output layer and every LayerNorm; counted in the trainable share.
+    c.lora_also_train = "head,*ln1,*ln2,ln_f"
     c.warmup_steps = 30
     c.eval_every = 0  # at the end of each phase
     c.log_every = 100
@@ -145,6 +148,10 @@ def _targets(config) -> list[str]:
     return ["*" + name.strip() for name in config.lora_targets.split(",") if name.strip()]
 
 
+def _also_train(config) -> list[str]:
+    return [name.strip() for name in config.lora_also_train.split(",") if name.strip()]
+
+
 def build_model(config, vocab_size: int) -> jdl.models.GPT:
     return jdl.models.GPT(
         vocab_size,
@@ -171,7 +178,7 @@ def phase_optimizer(config, mode: str, num_steps: int):
         }[mode]
     tx, schedule = make_config_optimizer(phase, num_steps)
     if mode == "lora":
-        tx = lora.optimizer(tx)
+        tx = lora.optimizer(tx, also_train=_also_train(config))
     elif mode == "head":
         tx = transfer.freeze_all_but(tx, trainable=("head",))
     return tx, schedule
@@ -311,7 +318,7 @@ def main(argv=None):
             num_steps = _steps(config, config.finetune_duration, prose_train)
             tx, schedule = phase_optimizer(config, mode, num_steps)
             state = jdl.TrainState.create(model, tx, seed=config.seed)
-            trainable = _trainable(state, mode)
+            trainable = _trainable(state, mode, config)
             result, memory = train_phase(
                 config,
                 mode,
@@ -329,7 +336,11 @@ def main(argv=None):
             final[f"{mode}_step_memory_mb"] = memory
             tuned_models[mode] = result
             if mode == "lora" and jax.process_index() == 0:
-                lora.save_adapters(os.path.join(workdir, "lora", "adapters"), result.state)
+                lora.save_adapters(
+                    os.path.join(workdir, "lora", "adapters"),
+                    result.state,
+                    also_train=_also_train(config),
+                )
     if "full_val_loss" in final and "lora_val_loss" in final:
         final["lora_gap"] = round(final["lora_val_loss"] - final["full_val_loss"], 4)
     final["memory_source"] = "xla_memory_analysis_of_the_compiled_train_step"
@@ -361,11 +372,11 @@ def _steps(config, duration: str, train_ids: np.ndarray) -> int:
     )
 
 
-def _trainable(state: jdl.TrainState, mode: str) -> int:
+def _trainable(state: jdl.TrainState, mode: str, config) -> int:
     if mode == "full":
         return jdl.count_params(state.params)
     if mode == "lora":
-        return lora.count_adapter_params(state)[0]
+        return lora.count_trainable_params(state, also_train=_also_train(config))[0]
     return sum(
         int(np.prod(value.shape))
         for path, value in jax.tree_util.tree_flatten_with_path(state.params)[0]

@@ -62,24 +62,42 @@ def test_tiny_run_reports_three_fine_tunings_and_saves_the_adapters(tmp_path):
         assert final[f"{mode}_step_memory_mb"] > 0
     assert final["full_trainable_share"] == 1.0
     assert 0 < final["head_trainable_share"] < 1 and 0 < final["lora_trainable_share"] < 1
+    # LoRA trains the head and the LayerNorms too: its share counts them with the adapters.
+    assert final["lora_trainable_share"] > final["head_trainable_share"]
     assert final["lora_gap"] == pytest.approx(final["lora_val_loss"] - final["full_val_loss"])
     assert final["memory_source"] == "xla_memory_analysis_of_the_compiled_train_step"
     assert final["peak_rss_mb"] > 0 and final["seconds"] > 0
     assert {"pretrain_val_loss", "zero_shot_val_loss"} <= set(final)
     assert "SAMPLE (LoRA merged" in result.stdout
 
-    # The adapters alone (a few KB) fit a fresh base model of the same architecture.
+    # The adapters, with the head and LayerNorms trained next to them (a few KB), turn a
+    # fresh base model of the same architecture into the fine-tuned one.
     adapters = workdir / "lora" / "adapters"
     config = json.loads((adapters / lora.CONFIG_FILE).read_text())
-    assert sorted(config["layers"]) == ["blocks/0/attn/out", "blocks/0/attn/qkv", "head"]
+    assert sorted(config["layers"]) == [
+        "blocks/0/attn/out",
+        "blocks/0/attn/qkv",
+        "blocks/0/mlp/fc1",
+        "blocks/0/mlp/fc2",
+    ]
+    assert config["trained"] == [
+        "blocks/0/ln1/bias",
+        "blocks/0/ln1/scale",
+        "blocks/0/ln2/bias",
+        "blocks/0/ln2/scale",
+        "head/kernel",
+        "ln_f/bias",
+        "ln_f/scale",
+    ]
     saved = load_file(str(adapters / lora.ADAPTERS_FILE))
-    assert all("/lora/lora_" in name for name in saved)
-    assert np.abs(saved["head/lora/lora_b"]).max() > 0  # trained away from zero
+    assert all(name in config["trained"] or "/lora/lora_" in name for name in saved)
+    assert np.abs(saved["blocks/0/mlp/fc2/lora/lora_b"]).max() > 0  # trained away from zero
     model_config = lora_charlm.get_config()
     model_config.update(dict(embed_dim=32, num_heads=2, num_layers=1, seq_len=16))
-    base = lora_charlm.build_model(model_config, saved["head/lora/lora_b"].shape[1])
+    base = lora_charlm.build_model(model_config, saved["head/kernel"].shape[1])
     lora.load_adapters(adapters, base)
     assert [path for path, _ in lora.lora_layers(base)] == sorted(config["layers"])
+    np.testing.assert_array_equal(base.head.kernel[...], saved["head/kernel"])
 
     # A rerun of the finished workdir trains nothing and repeats the same FINAL line.
     again = run_cli(*TINY, "--workdir", str(workdir))

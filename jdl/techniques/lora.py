@@ -52,6 +52,7 @@ __all__ = [
     "add_lora",
     "adapter_params",
     "count_adapter_params",
+    "count_trainable_params",
     "load_adapters",
     "lora_layers",
     "merge",
@@ -239,16 +240,24 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _under(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether the parameter `name` ("blocks/0/ln1/scale") or a module holding it
+    ("blocks/0/ln1", "blocks/0", ...) matches one of the `fnmatch` `patterns`."""
+    parts = name.split("/")
+    prefixes = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return any(
+        fnmatch.fnmatchcase(prefix, pattern.strip("/"))
+        for pattern in patterns
+        for prefix in prefixes
+    )
+
+
 def _labels(params, also_train: tuple[str, ...]):
     """ "adapter" for every LoRAParam and every param under `also_train`; "frozen" otherwise."""
     from jdl.techniques.transfer import param_path  # the one path spelling of jdl
 
     def label(path, variable) -> str:
-        name = param_path(path)
-        trainable = isinstance(variable, nnx.LoRAParam) or any(
-            name == prefix.strip("/") or name.startswith(prefix.strip("/") + "/")
-            for prefix in also_train
-        )
+        trainable = isinstance(variable, nnx.LoRAParam) or _under(param_path(path), also_train)
         return ADAPTER if trainable else FROZEN
 
     labels = jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_variable)
@@ -271,7 +280,9 @@ def optimizer(
 
     Args:
       tx: the optimizer of the adapters, e.g. `optax.adamw(1e-3)`.
-      also_train: path prefixes of parameters to train as well, e.g. `("head", "ln_f")`.
+      also_train: parameters to train as well, named by their path or a module's path
+        ("head", "ln_f", "blocks/0/ln1/scale"), or by `fnmatch` patterns over those paths
+        ("*ln1": the first LayerNorm of every block; "*" also matches "/").
 
     Raises (when the optimizer is initialised):
       LoRAError: the parameters have no adapter and nothing matches `also_train`.
@@ -302,6 +313,25 @@ def count_adapter_params(model_or_state) -> tuple[int, int]:
     return adapters, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def count_trainable_params(model_or_state, *, also_train: Sequence[str] = ()) -> tuple[int, int]:
+    """(trained parameters, all parameters) under `optimizer(tx, also_train=also_train)`.
+
+    The trained ones are the adapters plus every parameter `also_train` names, counted
+    once; pass the same `also_train` as to `optimizer`.
+    """
+    from jdl.techniques.transfer import param_path
+
+    params = _params_of(model_or_state)
+    also_train = tuple(also_train)
+    trained = total = 0
+    for path, value in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]:
+        size = int(np.prod(value.shape))
+        total += size
+        if isinstance(value, nnx.LoRAParam) or _under(param_path(path), also_train):
+            trained += size
+    return trained, total
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapter checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -316,17 +346,22 @@ def _flat_adapters(params: nnx.State) -> dict[str, np.ndarray]:
     return flat
 
 
-def save_adapters(directory: str | os.PathLike[str], model_or_state) -> Path:
+def save_adapters(
+    directory: str | os.PathLike[str], model_or_state, *, also_train: Sequence[str] = ()
+) -> Path:
     """Writes the adapters alone: `adapters.safetensors` and `adapter_config.json`.
 
     The safetensors file maps each adapter's path ("blocks/0/attn/qkv/lora/lora_a") to
-    its array; the JSON file records the adapted layers, ranks and alphas, so that
-    `load_adapters` can add the same adapters to a fresh base model. Each file is
+    its array, and each parameter trained next to the adapters (`also_train`, as given to
+    `optimizer`) to its whole array ("head/kernel"); the JSON file records the adapted
+    layers, ranks and alphas and those parameters' paths (under "trained"), so that
+    `load_adapters` can turn a fresh base model into the fine-tuned one. Each file is
     written to a temporary name and renamed, so a reader never sees half a file.
 
     Args:
       directory: created if needed.
       model_or_state: an adapted model, or a `TrainState` of one (its current params).
+      also_train: the `also_train` of the optimizer that trained the adapters.
 
     Returns:
       The directory.
@@ -341,13 +376,27 @@ def save_adapters(directory: str | os.PathLike[str], model_or_state) -> Path:
     if not flat:
         raise LoRAError("the model has no LoRA adapters to save; call lora.add_lora first")
     layers = _layer_records(model_or_state, flat)
+    trained = _flat_trained(params, tuple(also_train))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (ADAPTERS_FILE + ".tmp")
-    save_file(flat, str(tmp), metadata={"format": _FORMAT})
+    save_file({**flat, **trained}, str(tmp), metadata={"format": _FORMAT})
     os.replace(tmp, directory / ADAPTERS_FILE)
-    write_json(directory / CONFIG_FILE, {"format": _FORMAT, "layers": layers})
+    record = {"format": _FORMAT, "layers": layers, "trained": sorted(trained)}
+    write_json(directory / CONFIG_FILE, record)
     return directory
+
+
+def _flat_trained(params: nnx.State, also_train: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """{path: array} of the parameters `also_train` names (adapters excluded)."""
+    from jdl.techniques.transfer import param_path
+
+    flat = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]:
+        name = param_path(path)
+        if not isinstance(value, nnx.LoRAParam) and _under(name, also_train):
+            flat[name] = np.asarray(jax.device_get(value[...]))
+    return flat
 
 
 def _layer_records(model_or_state, flat: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -376,7 +425,8 @@ def load_adapters(directory: str | os.PathLike[str], model: nnx.Module) -> nnx.M
     A model without adapters (the base model) first gets the recorded ones (`add_lora` on
     the recorded layers with their rank and alpha); a model with adapters must have
     exactly the recorded layers. Every saved array must fill an adapter of the same
-    shape, and every adapter must be filled.
+    shape, and every adapter must be filled; the parameters saved whole (`also_train`)
+    replace the model's.
 
     Returns:
       `model`.
@@ -421,22 +471,38 @@ def load_adapters(directory: str | os.PathLike[str], model: nnx.Module) -> nnx.M
                 )
     from jdl.techniques.transfer import param_path
 
+    trained = set(config.get("trained", []))
     state = adapter_params(model)
     expected = {param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
-    if expected != set(flat):
-        missing = sorted(set(flat) ^ expected)
+    if expected != set(flat) - trained:
+        missing = sorted((set(flat) - trained) ^ expected)
         raise LoRAError(f"saved adapters and the model's adapters differ at {missing[:4]}")
 
-    def fill(path, variable):
-        name = param_path(path)
-        value = flat[name]
-        if value.shape != variable.shape:
-            raise LoRAError(
-                f"{name}: saved shape {value.shape} does not fit the model's {variable.shape}"
-            )
-        variable.set_value(jnp.asarray(value, variable.dtype))
-        return variable
+    def fill(names: set[str]):
+        def put(path, variable):
+            name = param_path(path)
+            if name not in names:
+                return variable
+            value = flat[name]
+            if value.shape != variable.shape:
+                raise LoRAError(
+                    f"{name}: saved shape {value.shape} does not fit the model's {variable.shape}"
+                )
+            variable.set_value(jnp.asarray(value, variable.dtype))
+            return variable
 
-    jax.tree_util.tree_map_with_path(fill, state, is_leaf=_is_variable)
+        return put
+
+    jax.tree_util.tree_map_with_path(fill(expected), state, is_leaf=_is_variable)
     nnx.update(model, state)
+    if trained:  # the parameters trained in full next to the adapters
+        params = nnx.state(model, nnx.Param)
+        names = {param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        if not trained <= names:
+            raise LoRAError(
+                f"the saved parameters {sorted(trained - names)[:4]} are not parameters of "
+                f"{type(model).__name__}; load into the base model the adapters were trained on"
+            )
+        jax.tree_util.tree_map_with_path(fill(trained), params, is_leaf=_is_variable)
+        nnx.update(model, params)
     return model
