@@ -110,29 +110,11 @@ def load_fsdd(
       ChecksumMismatchError: the recordings are not the release's.
     """
     heldout = _check_arguments(split, heldout_speaker, length)
-    directory = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    recordings = directory / "recordings"
-    if not recordings.is_dir():
-        if not download:
-            raise _unavailable(directory, "download disabled")
-        failure = _download(directory)
-        if failure:
-            raise _unavailable(directory, f"download failed ({failure})")
-    paths = _check_file_set(recordings)
-    _verify(paths, recordings)
-    waves, digits, speakers, takes = [], [], [], []
-    for (digit, speaker, take), path in paths.items():
-        waves.append(_read_wav(path))
-        digits.append(digit)
-        speakers.append(speaker)
-        takes.append(take)
-    x, cropped = _fix_length(waves, length)
-    arrays = {
-        "x": x,
-        "y": np.asarray(digits, np.int32),
-        "speaker": np.asarray(speakers, np.int32),
-    }
-    takes_arr = np.asarray(takes)
+    raw = load_fsdd_recordings(data_dir=data_dir, download=download)
+    recordings, count = raw["folder"], len(raw["waves"])
+    x, cropped = _fix_length(raw["waves"], length)
+    arrays = {"x": x, "y": raw["digit"], "speaker": raw["speaker"]}
+    takes_arr = raw["take"]
     if split == "official":
         test = takes_arr < TEST_TAKES
         how = f"official split (takes 0-{TEST_TAKES - 1} test)"
@@ -148,11 +130,47 @@ def load_fsdd(
         splits=splits,
         num_classes=NUM_CLASSES,
         source=(
-            f"fsdd {RELEASE}: {len(paths)} WAV recordings in {recordings}, checksum verified; "
+            f"fsdd {RELEASE}: {count} WAV recordings in {recordings}, checksum verified; "
             f"{how}; {length} samples at {SAMPLE_RATE} Hz, {cropped} recordings cropped "
-            f"({cropped / len(paths):.2%}), the rest zero-padded"
+            f"({cropped / count:.2%}), the rest zero-padded"
         ),
     )
+
+
+def load_fsdd_recordings(
+    *, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+) -> dict:
+    """Every FSDD recording at its own length, checked as `load_fsdd` checks them.
+
+    Args:
+      data_dir, download: as in `load_fsdd`.
+
+    Returns:
+      {"waves": list of 3,000 float32 1-D arrays in [-1, 1) (0.14-2.28 s at 8 kHz),
+      "digit", "speaker" (index into `SPEAKERS`), "take": int32 (3000,) each,
+      "folder": the `recordings/` folder read}, ordered by speaker, digit, take.
+
+    Raises:
+      As `load_fsdd` (except its argument errors).
+    """
+    directory = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    recordings = directory / "recordings"
+    if not recordings.is_dir():
+        if not download:
+            raise _unavailable(directory, "download disabled")
+        failure = _download(directory)
+        if failure:
+            raise _unavailable(directory, f"download failed ({failure})")
+    paths = _check_file_set(recordings)
+    _verify(paths, recordings)
+    keys = np.asarray(list(paths), np.int32).reshape(-1, 3)  # (digit, speaker, take) rows
+    return {
+        "waves": [_read_wav(path) for path in paths.values()],
+        "digit": keys[:, 0].copy(),
+        "speaker": keys[:, 1].copy(),
+        "take": keys[:, 2].copy(),
+        "folder": recordings,
+    }
 
 
 def _check_arguments(split: str, heldout_speaker: str | int | None, length: int) -> int | None:
@@ -325,4 +343,5 @@ __all__ = [
     "SPEAKERS",
     "default_data_dir",
     "load_fsdd",
+    "load_fsdd_recordings",
 ]
