@@ -3,7 +3,7 @@
 Command:
     python -m experiments.speech_ctc --workdir workdirs/speech_ctc
 
-Data (`jdl.data.utterances.load_fsdd_utterances`): 2,000 train utterances (about
+Data (`jdl.data.load_fsdd_utterances`): 2,000 train utterances (about
 10,000 digits) from takes 5-49 and 300 test utterances (about 1,500 digits) from takes
 0-4 of the Free Spoken Digit Dataset; each is 3-7 digits of one speaker, joined by
 0.05-0.25 s of silence, with white noise at 20-40 dB SNR, padded to 5 s with its length.
@@ -59,7 +59,6 @@ from jdl import audio
 from jdl.cli import command
 from jdl.config import ConfigError
 from jdl.data.fsdd import SAMPLE_RATE
-from jdl.data.utterances import load_fsdd_utterances
 from jdl.models import ctc
 from jdl.models.seq2seq import error_rates
 
@@ -235,7 +234,7 @@ def main(argv=None):
     if config.compilation_cache:
         jdl.enable_compilation_cache()
 
-    data = load_fsdd_utterances(
+    data = jdl.data.load_fsdd_utterances(
         data_dir=config.data_dir or None,
         download=config.download,
         num_train=config.num_train,

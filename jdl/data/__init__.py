@@ -21,7 +21,7 @@ from jdl.data.cifar10 import CifarFormatError, load_cifar10
 from jdl.data.cmudict import load_cmudict
 from jdl.data.dataset import Dataset, NonFiniteDataError, check_finite, stratified_split
 from jdl.data.digits import load_digits
-from jdl.data.fsdd import load_fsdd
+from jdl.data.fsdd import load_fsdd, load_fsdd_recordings
 from jdl.data.idx import IdxFormatError, read_idx, write_idx
 from jdl.data.iris import load_iris
 from jdl.data.mnist import ChecksumMismatchError, DatasetUnavailableError, load_mnist
@@ -42,6 +42,7 @@ from jdl.data.tokenizer import (
     TokenizerNotFoundError,
     load_tokenizer,
 )
+from jdl.data.utterances import load_fsdd_utterances
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist": load_mnist,
@@ -74,6 +75,8 @@ __all__ = [
     "load_cmudict",
     "load_digits",
     "load_fsdd",
+    "load_fsdd_recordings",
+    "load_fsdd_utterances",
     "load_iris",
     "load_mnist",
     "load_mnist1d",
