@@ -24,9 +24,18 @@ correct ones), with sacrebleu's corpus BLEU (13a tokenisation, the default signa
   val_loss     teacher-forced, label-smoothed cross-entropy on the validation pairs
   steps, seconds (wall, from start to FINAL), cpu_seconds (this process's CPU time)
 
-Time: the first 200 steps of the default took about 0.4 CPU-seconds per step on a loaded
-2-core machine (jax 0.10.2), so the default's 1,500 steps (24 epochs) and decoding should
-take well under 15 minutes of an idle 2-core machine.
+Measured (seed 0, jax 0.10.2, 2 CPU cores SHARED with other jobs: load average 8-19, the
+run got 12-35% of the machine's CPU time), default 1,500 steps (24 epochs):
+  bleu 7.42 (beam), bleu_greedy 6.36, chrf 24.16; val_loss 1.762, validation token
+  accuracy 0.674, train_loss 1.441; 31.4 min wall, 11 min 34 s of CPU time (load, compile,
+  train, validate, decode). On an idle 2-core machine the CPU time bounds the wall time:
+  under 12 minutes.
+Beam search gains about 1 BLEU over greedy. 2,078 training sentences are few for
+translating unseen ones: the model learns frequent phrases, not the language pair.
+Three of the beam translations of test sentences (measured, the first ten are printed):
+  'Run!'     -> 'File !'        (one of its 8 references)
+  'Get out!' -> 'Dégage !'      (one of its 17 references; a narrow no-break space before !)
+  'Ask Tom.' -> 'Attends Tom.'  (reference 'Demande à Tom.': the name kept, the verb wrong)
 """
 
 from __future__ import annotations
