@@ -9,8 +9,10 @@ only its test takes (0-4), so no recording is heard in both. Everything is drawn
 one seeded NumPy generator per split: the same arguments give the same arrays.
 
 Sizes with `load_fsdd_utterances`' defaults: 2,000 train and 300 test utterances of
-up to 5 s (40,000 samples, float32 (N, 40000): 320 MB for train); an utterance whose
-recordings and gaps would run longer is drawn again (about 2% of draws with 7 digits).
+up to 5 s (40,000 samples, float32 (N, 40000): 320 MB for train; mean length 3.1 s);
+an utterance whose recordings and gaps would run longer is drawn again, which happens
+to about 16% of 7-digit draws, so slow speakers' long recordings are somewhat rarer in
+the longest strings.
 """
 
 from __future__ import annotations
