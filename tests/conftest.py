@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests, quiet logs, parallel test workers,
-and a local HTTP server for download tests."""
+a local HTTP server for download tests, and the MNIST classifier that scores generative
+experiments."""
 
 import contextlib
 import os
@@ -34,3 +35,24 @@ def http_server():
     """`serve(directory) -> base URL`: a local HTTP server, shut down after the test."""
     with contextlib.ExitStack() as servers:
         yield lambda directory: servers.enter_context(support.serve_directory(directory))
+
+
+@pytest.fixture(scope="session")
+def mnist_classifier(tmp_path_factory) -> str:
+    """The workdir of a tiny MNIST classifier made the documented way (experiments.mnist_cnn,
+    a few steps): what the generative experiments score their samples with. One per test
+    worker."""
+    workdir = str(tmp_path_factory.mktemp("classifier") / "mnist_cnn")
+    result = support.run_module(
+        "experiments.mnist_cnn",
+        "--workdir",
+        workdir,
+        "--config.duration=3",
+        "--config.conv_channels=(4, 8)",
+        "--config.dense_sizes=(16,)",
+        "--config.steps_per_dispatch=1",
+        *support.OFFLINE,
+        cwd=tmp_path_factory.getbasetemp(),
+    )
+    assert result.returncode == 0, result.stderr
+    return workdir

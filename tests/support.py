@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +87,34 @@ def serve_directory(directory: str | Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------- experiments as commands
+
+# Experiment flags for tests: nothing downloaded, no progress bars, no compilation cache.
+OFFLINE = ["--config.download=false", "--config.progress=false", "--config.compilation_cache=false"]
+
+
+def run_module(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a fresh process, offline data, without JDL_DEBUG."""
+    environment = {k: v for k, v in os.environ.items() if k != "JDL_DEBUG"}
+    environment["JDL_DATA_DIR"] = os.path.join(str(cwd or "."), "no-data")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=environment,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line of a command that refused its input (exit code 1, no
+    traceback, no FINAL line), checked."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    assert "FINAL" not in result.stdout
+    return errors[0]

@@ -1,4 +1,4 @@
-"""experiments.mnist_diffusion through its real command line, with a tiny classifier of its own."""
+"""experiments.mnist_diffusion through its real command line, scored by a tiny classifier."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 from PIL import Image
-from test_mnist_vae_experiment import OFFLINE, one_error_line, run
+from support import OFFLINE, one_error_line
+from support import run_module as run
 
 TINY_DIFFUSION = [
     "--config.duration=2",
@@ -21,25 +22,6 @@ TINY_DIFFUSION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A classifier workdir made the documented way: experiments.mnist_cnn, a few steps."""
-    workdir = str(tmp_path_factory.mktemp("classifier") / "mnist_cnn")
-    result = run(
-        "experiments.mnist_cnn",
-        "--workdir",
-        workdir,
-        "--config.duration=3",
-        "--config.conv_channels=(4, 8)",
-        "--config.dense_sizes=(16,)",
-        "--config.steps_per_dispatch=1",
-        *OFFLINE,
-        cwd=tmp_path_factory.getbasetemp(),
-    )
-    assert result.returncode == 0, result.stderr
-    return workdir
-
-
 def final_of(result) -> dict:
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -48,13 +30,13 @@ def final_of(result) -> dict:
 
 
 @pytest.mark.slow
-def test_tiny_run_reports_fid_accuracy_pictures_and_resamples_bitwise(classifier, tmp_path):
+def test_tiny_run_reports_fid_accuracy_pictures_and_resamples_bitwise(mnist_classifier, tmp_path):
     workdir = tmp_path / "diffusion"
     args = [
         "experiments.mnist_diffusion",
         "--workdir",
         str(workdir),
-        f"--config.classifier_workdir={classifier}",
+        f"--config.classifier_workdir={mnist_classifier}",
         *TINY_DIFFUSION,
         *OFFLINE,
     ]

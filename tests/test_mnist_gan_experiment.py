@@ -1,4 +1,4 @@
-"""experiments.mnist_gan through its real command line, with a tiny classifier of its own."""
+"""experiments.mnist_gan through its real command line, scored by a tiny classifier."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 
 import pytest
 from PIL import Image
-from test_mnist_vae_experiment import OFFLINE, one_error_line, run
+from support import OFFLINE, one_error_line
+from support import run_module as run
 
 TINY_GAN = [
     "--config.duration=2",
@@ -21,25 +22,6 @@ TINY_GAN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A classifier workdir made the documented way: experiments.mnist_cnn, a few steps."""
-    workdir = str(tmp_path_factory.mktemp("classifier") / "mnist_cnn")
-    result = run(
-        "experiments.mnist_cnn",
-        "--workdir",
-        workdir,
-        "--config.duration=3",
-        "--config.conv_channels=(4, 8)",
-        "--config.dense_sizes=(16,)",
-        "--config.steps_per_dispatch=1",
-        *OFFLINE,
-        cwd=tmp_path_factory.getbasetemp(),
-    )
-    assert result.returncode == 0, result.stderr
-    return workdir
-
-
 def _final(result) -> dict:
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -48,9 +30,9 @@ def _final(result) -> dict:
 
 
 @pytest.mark.slow
-def test_tiny_conditional_run_reports_fid_coverage_and_pictures(classifier, tmp_path):
+def test_tiny_conditional_run_reports_fid_coverage_and_pictures(mnist_classifier, tmp_path):
     workdir = tmp_path / "gan"
-    command = ["--workdir", str(workdir), f"--config.classifier_workdir={classifier}"]
+    command = ["--workdir", str(workdir), f"--config.classifier_workdir={mnist_classifier}"]
     final = _final(run("experiments.mnist_gan", *command, *TINY_GAN, *OFFLINE, cwd=tmp_path))
     assert set(final) == {
         "fid", "fid_floor", "class_coverage_min", "class_accuracy", "steps", "seconds",
@@ -77,12 +59,12 @@ def test_tiny_conditional_run_reports_fid_coverage_and_pictures(classifier, tmp_
 
 
 @pytest.mark.slow
-def test_tiny_unconditional_run_has_no_class_accuracy(classifier, tmp_path):
+def test_tiny_unconditional_run_has_no_class_accuracy(mnist_classifier, tmp_path):
     result = run(
         "experiments.mnist_gan",
         "--workdir",
         str(tmp_path / "gan"),
-        f"--config.classifier_workdir={classifier}",
+        f"--config.classifier_workdir={mnist_classifier}",
         "--config.conditional=false",
         *TINY_GAN,
         *OFFLINE,

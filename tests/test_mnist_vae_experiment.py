@@ -1,22 +1,20 @@
-"""experiments.mnist_vae through its real command line, with a tiny classifier of its own."""
+"""experiments.mnist_vae through its real command line, scored by a tiny classifier."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 from PIL import Image
+from support import OFFLINE, one_error_line
+from support import run_module as run
 
 import jdl
 
-OFFLINE = ["--config.download=false", "--config.progress=false", "--config.compilation_cache=false"]
 TINY_VAE = [
     "--config.duration=2",
     "--config.latent_dim=2",
@@ -31,56 +29,14 @@ TINY_VAE = [
 ]
 
 
-def run(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` in a fresh process, offline data, without JDL_DEBUG."""
-    environment = {k: v for k, v in os.environ.items() if k != "JDL_DEBUG"}
-    environment["JDL_DATA_DIR"] = os.path.join(str(cwd or "."), "no-data")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=environment,
-    )
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
-    assert "FINAL" not in result.stdout
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A classifier workdir made the documented way: experiments.mnist_cnn, a few steps."""
-    workdir = str(tmp_path_factory.mktemp("classifier") / "mnist_cnn")
-    result = run(
-        "experiments.mnist_cnn",
-        "--workdir",
-        workdir,
-        "--config.duration=3",
-        "--config.conv_channels=(4, 8)",
-        "--config.dense_sizes=(16,)",
-        "--config.steps_per_dispatch=1",
-        *OFFLINE,
-        cwd=tmp_path_factory.getbasetemp(),
-    )
-    assert result.returncode == 0, result.stderr
-    return workdir
-
-
 @pytest.mark.slow
-def test_tiny_run_reports_bounds_fid_and_pictures(classifier, tmp_path):
+def test_tiny_run_reports_bounds_fid_and_pictures(mnist_classifier, tmp_path):
     workdir = tmp_path / "vae"
     result = run(
         "experiments.mnist_vae",
         "--workdir",
         str(workdir),
-        f"--config.classifier_workdir={classifier}",
+        f"--config.classifier_workdir={mnist_classifier}",
         *TINY_VAE,
         *OFFLINE,
         cwd=tmp_path,
