@@ -21,13 +21,13 @@ FINAL: `digit_error_rate` (edit distance / reference digits over the test
 utterances, prefix beam search; target <= 0.05), `digit_error_rate_greedy`,
 `utterance_error_rate` (share of test utterances not exactly right), `steps`, `seconds`.
 
-Measured (seed 0, default config, 2 CPU cores shared with other jobs, load 15-19):
-digit_error_rate 0.0014 (2 edits over 1,471 test digits), greedy 0.0014, 2 of 300
-utterances wrong; 1,860 steps; 25.4 min wall at 29% of a core, i.e. 400 s user +
-56 s system CPU time (`/usr/bin/time -v`), 2.0 GB peak memory. On an idle 2-core
-machine expect roughly 5-8 minutes. (That run's convolutions padded "SAME", which for
-the 5 s padding shifts the second layer's windows by one input frame from the explicit
-padding used now.)
+Measured (seed 0, default config, 2 CPU cores shared with other jobs, load 10-14):
+digit_error_rate 0.0034 (5 edits over 1,471 test digits), greedy 0.0034, 5 of 300
+utterances wrong (utterance_error_rate 0.0167); 1,860 steps; 13.3 min wall at 63% of
+a core, i.e. 448 s user + 63 s system CPU time (`/usr/bin/time -v`), 2.0 GB peak
+memory. On an idle 2-core machine expect roughly 5-8 minutes. An earlier run whose
+convolutions padded "SAME" (the second layer's windows one input frame later) gave
+0.0014 (2 edits).
 Last line: FINAL {"digit_error_rate": ..., "digit_error_rate_greedy": ..., "steps": ...,
 "seconds": ...}
 """
