@@ -163,7 +163,8 @@ def mel_filterbank(
       sr: sampling rate in Hz.
       n_fft: FFT size of the spectrogram the filters apply to.
       n_mels: number of filters.
-      fmin, fmax: lowest and highest frequency in Hz; fmax None means sr / 2.
+      fmin: lowest frequency in Hz.
+      fmax: highest frequency in Hz; None means sr / 2.
       htk: HTK's mel scale instead of Slaney's.
       norm: "slaney" divides each filter by its width in Hz (constant energy per
         filter, librosa's default); None leaves peaks at 1.
@@ -390,8 +391,10 @@ def spec_augment(
     Args:
       key: PRNG key; the draws for the whole batch come from it.
       spectrograms: float (N, bins, frames).
-      num_freq_masks, num_time_masks: static counts >= 0.
-      freq_mask_width, time_mask_width: static maximum widths >= 0 (clipped to the axis).
+      num_freq_masks: static count of frequency masks >= 0.
+      freq_mask_width: static maximum width of each, >= 0 (clipped to the axis).
+      num_time_masks: static count of time masks >= 0.
+      time_mask_width: static maximum width of each, >= 0 (clipped to the axis).
       mask_value: what masked entries become.
 
     Returns:
@@ -453,7 +456,8 @@ def add_noise(key: Array, waveforms: Array, *, min_snr_db: float, max_snr_db: fl
     Args:
       key: PRNG key; the draws for the whole batch come from it.
       waveforms: float (N, samples).
-      min_snr_db, max_snr_db: the SNR range in dB, min <= max.
+      min_snr_db: the lowest SNR in dB.
+      max_snr_db: the highest SNR in dB, >= min_snr_db.
 
     Returns:
       (N, samples), same dtype.

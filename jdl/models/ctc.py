@@ -203,8 +203,11 @@ class CTCAcousticModel(nnx.Module):
 
     Args:
       num_classes: C, blank included (11 for digits).
-      sample_rate, n_fft, win_length, hop_length, n_mels: the log-mel front end
-        (`jdl.audio.log_mel_spectrogram`, centred frames: 1 + samples // hop_length).
+      sample_rate: Hz of the waveforms.
+      n_fft: FFT size of the log-mel front end (`jdl.audio.log_mel_spectrogram`).
+      win_length: analysis window in samples.
+      hop_length: samples between frames (centred frames: 1 + samples // hop_length).
+      n_mels: mel bands.
       conv_channels: one 3x3 convolution (ReLU) per entry, each with stride 2 over time
         and mel, so output frames are the feature frames halved (rounding up) per entry.
       hidden_size: GRU units per direction.

@@ -164,7 +164,8 @@ class Seq2SeqTransformer(nnx.Module):
       max_len: the longest source and the longest target (position tables of this size).
       embed_dim: C.
       num_heads: H.
-      num_encoder_layers, num_decoder_layers: blocks on each side.
+      num_encoder_layers: encoder blocks.
+      num_decoder_layers: decoder blocks.
       mlp_ratio: MLP hidden width as a multiple of C.
       dropout: on the embeddings and inside every block (0 disables).
       tie_embeddings: the output projection is the transposed target embedding.
@@ -293,7 +294,8 @@ class Seq2SeqGRU(nnx.Module):
     teacher-forced decoder runs as one scan and the attention as one batched product.
 
     Args:
-      src_vocab_size, tgt_vocab_size: token counts (V = tgt_vocab_size).
+      src_vocab_size: source token count.
+      tgt_vocab_size: target token count (V).
       embed_dim: width of both embeddings.
       hidden_size: H, the decoder state; each encoder direction has H as well.
       num_encoder_layers: stacked bidirectional layers.
@@ -434,7 +436,8 @@ def greedy_decode(
       model: a model with the interface of the module docstring (not modified).
       src: int (B, S) source ids.
       max_len: N, the most tokens generated (`<eos>` included).
-      bos_id, eos_id: start and end tokens.
+      bos_id: the start token.
+      eos_id: the end token.
       use_cache: decode with `decode_step` (a KV cache for the transformer); False runs
         the whole teacher-forced model on the prefix at every step (a reference).
 
@@ -530,7 +533,8 @@ def beam_search(
       max_len: N, the most tokens generated (`<eos>` included).
       beam_size: K >= 1.
       alpha: length-penalty exponent >= 0 (0: plain summed log-probability).
-      bos_id, eos_id: start and end tokens.
+      bos_id: the start token.
+      eos_id: the end token.
 
     Returns:
       int32 (B, N): the best hypothesis of each row, as `greedy_decode` returns them.
@@ -668,8 +672,9 @@ def error_rates(
       references: per word, a non-empty list of acceptable symbol sequences.
 
     Returns:
-      {"phoneme_error_rate": sum of edits / sum of the chosen references' lengths,
-       "word_error_rate": share of words that match no reference exactly}.
+      A dict: "phoneme_error_rate", the sum of edits over the sum of the chosen
+        references' lengths, and "word_error_rate", the share of words that match no
+        reference exactly.
     """
     if len(predictions) != len(references) or not predictions:
         raise ValueError(
