@@ -141,18 +141,26 @@ class TrainState:
           model_state: the new non-parameter model state, or None to keep the current one.
         """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
-        step = self.step + 1
-        new = self.replace(
-            step=step,
-            params=params,
+        updated = self.replace(
+            params=optax.apply_updates(self.params, updates),
             opt_state=opt_state,
             model_state=self.model_state if model_state is None else model_state,
         )
+        return updated.finish_step()
+
+    def finish_step(self) -> TrainState:
+        """`step` advanced by one and, when the state keeps an EMA, the EMA moved towards
+        the current parameters (pure; traceable).
+
+        The end of `apply_gradients`, for steps that update the parameters in several
+        parts (e.g. a GAN's two networks, `jdl.models.gan`) and then close the step once.
+        """
+        step = self.step + 1
+        new = self.replace(step=step)
         if self.ema is None:
             return new
         decay = self.ema_decay_at(step)
-        ema = jax.tree.map(lambda average, p: _ema_update(average, p, decay), self.ema, params)
+        ema = jax.tree.map(lambda average, p: _ema_update(average, p, decay), self.ema, self.params)
         return new.replace(ema=ema)
 
     def ema_decay_at(self, step: jax.Array | int) -> jax.Array:

@@ -370,7 +370,8 @@ def apply_to_network(state: TrainState, name: str, grads: nnx.State) -> TrainSta
 
     Only `name`'s parameters and `name`'s optimizer state change; every other network's
     parameters and optimizer state (Adam moments, counts) are `state`'s own, bitwise.
-    `state.step` and the EMA are not touched (the caller advances them once per step).
+    `state.step` and the EMA are not touched (the caller closes the step once with
+    `TrainState.finish_step`).
     The other networks' updates are computed by the multi_transform and discarded, and
     so removed by XLA's dead-code elimination: they cost nothing in a compiled step.
 
@@ -464,7 +465,7 @@ def make_gan_train_step(*, r1_gamma: float = 0.0) -> steps_lib.TrainStep:
         def train_step(state, batch):
             state, d_metrics = discriminator_update(state, batch, state.step_key("d"), ...)
             state, g_metrics = generator_update(state, batch, state.step_key("g"))
-            return state.replace(step=state.step + 1), {...}
+            return state.finish_step(), {...}  # one step, one EMA update
 
     i.e. a discriminator update, then a generator update against the new discriminator;
     each moves its own network and optimizer state only (`apply_to_network`). The
@@ -495,17 +496,7 @@ def make_gan_train_step(*, r1_gamma: float = 0.0) -> steps_lib.TrainStep:
             state, batch, state.step_key("discriminator"), r1_gamma=r1_gamma
         )
         new, g_metrics = generator_update(new, batch, state.step_key("generator"))
-        step = state.step + 1
-        new = new.replace(step=step)
-        if new.ema is not None:
-            decay = state.ema_decay_at(step)
-            new = new.replace(
-                ema=jax.tree.map(
-                    lambda a, p: decay.astype(a.dtype) * a + (1 - decay.astype(a.dtype)) * p,
-                    new.ema,
-                    new.params,
-                )
-            )
+        new = new.finish_step()  # one step count and one EMA update for both halves
         metrics = {**d_metrics, **g_metrics}
         metrics["loss"] = d_metrics["d_loss"] + g_metrics["g_loss"]
         metrics["param_norm"] = optax.global_norm(new.params)
