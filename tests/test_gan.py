@@ -132,7 +132,7 @@ def test_a_state_without_the_gan_optimizer_is_refused_in_one_line():
     with pytest.raises(GANInputError) as caught:
         jax.jit(make_gan_train_step())(state, _batch())
     assert "gan_optimizer" in _one_line(caught)
-    with pytest.raises(ValueError, match="r1_gamma must be >= 0"):
+    with pytest.raises(GANInputError, match="r1_gamma must be >= 0"):
         make_gan_train_step(r1_gamma=-1.0)
 
 

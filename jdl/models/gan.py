@@ -485,10 +485,10 @@ def make_gan_train_step(*, r1_gamma: float = 0.0) -> steps_lib.TrainStep:
 
     Raises:
       GANInputError: when traced, if the state's optimizer is not `gan_optimizer`'s.
-      ValueError: `r1_gamma` < 0.
+      GANInputError: `r1_gamma` < 0 (also a ValueError).
     """
     if not r1_gamma >= 0.0:
-        raise ValueError(f"r1_gamma must be >= 0 (0: no R1 penalty), got {r1_gamma!r}")
+        raise GANInputError(f"r1_gamma must be >= 0 (0: no R1 penalty), got {r1_gamma!r}")
 
     def train_step(state: TrainState, batch: steps_lib.Batch):
         _check_gan_state(state)
