@@ -70,7 +70,7 @@ from experiments.common import (
     start_run,
     workdir_lock,
 )
-from experiments.mnist_diffusion import to_pixels
+from experiments.mnist_diffusion import load_data, to_pixels
 from experiments.mnist_vae import IMAGE_SHAPE, load_classifier
 from jdl.cli import command
 from jdl.config import ConfigError
@@ -126,21 +126,6 @@ def check_gan_config(config) -> None:
         if not ok:
             raise ConfigError(f"config.{key}={config[key]!r} {requirement}")
     check_sizes(config, "latent_dim", "channels", "hidden_size", "label_dim")
-
-
-def load_data(config) -> tuple[jdl.data.Dataset, dict]:
-    """(dataset, train split in [-1, 1] with labels); checks the image shape."""
-    dataset = jdl.data.load_mnist(data_dir=config.data_dir or None, download=config.download)
-    for split in ("train", "test"):
-        shape = tuple(dataset[split]["x"].shape[1:])
-        if shape != IMAGE_SHAPE:
-            raise ConfigError(
-                f"the {split} images have shape {shape}, but this experiment and its "
-                f"classifier take {IMAGE_SHAPE} digits; point config.data_dir at MNIST files"
-            )
-    train = dataset["train"]
-    x = (np.asarray(train["x"], np.float32) * 2.0 - 1.0).astype(np.float32)
-    return dataset, {"x": x, "y": np.asarray(train["y"], np.int32)}
 
 
 def make_state(config, num_steps: int) -> jdl.TrainState:
