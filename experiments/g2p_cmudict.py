@@ -52,7 +52,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 import jdl
@@ -202,22 +201,14 @@ def decode_words(
 ) -> list[list[str]]:
     """Predicted phonemes of each word; greedy when `beam_size` is 0.
 
-    Words go in batches of `batch_size`; the last batch is filled up with copies of the
-    first word, so one shape compiles.
+    Words go in batches of `batch_size` (`seq2seq.decode_in_batches`).
     """
     src_len = max(len(word) for word in words)
     src = cmudict_data.encode_words(words, data.graphemes, src_len)
-    predictions = []
-    for start in range(0, len(words), batch_size):
-        chunk = src[start : start + batch_size]
-        filled = np.concatenate([chunk, np.repeat(src[:1], batch_size - len(chunk), axis=0)])
-        if beam_size:
-            ids = seq2seq.beam_search(model, filled, max_len, beam_size=beam_size, alpha=alpha)
-        else:
-            ids = seq2seq.greedy_decode(model, filled, max_len)
-        for row in np.asarray(ids)[: len(chunk)]:
-            predictions.append(data.phonemes.decode(row))
-    return predictions
+    ids = seq2seq.decode_in_batches(
+        model, src, max_len, batch_size=batch_size, beam_size=beam_size, alpha=alpha
+    )
+    return [data.phonemes.decode(row) for row in ids]
 
 
 @command

@@ -45,7 +45,6 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
-import numpy as np
 import sacrebleu
 from flax import nnx
 
@@ -201,20 +200,13 @@ def translate(
 ) -> list[str]:
     """The French of each English sentence; greedy when `beam_size` is 0.
 
-    Sentences go in batches of `batch_size`; the last batch is filled up with copies of
-    the first sentence, so one shape compiles.
+    Sentences go in batches of `batch_size` (`seq2seq.decode_in_batches`).
     """
     src = tatoeba.encode_sentences(sentences, data.source, max(len(s) for s in sentences))
-    out = []
-    for start in range(0, len(sentences), batch_size):
-        chunk = src[start : start + batch_size]
-        filled = np.concatenate([chunk, np.repeat(src[:1], batch_size - len(chunk), axis=0)])
-        if beam_size:
-            ids = seq2seq.beam_search(model, filled, max_len, beam_size=beam_size, alpha=alpha)
-        else:
-            ids = seq2seq.greedy_decode(model, filled, max_len)
-        out.extend(data.target.decode(row) for row in np.asarray(ids)[: len(chunk)])
-    return out
+    ids = seq2seq.decode_in_batches(
+        model, src, max_len, batch_size=batch_size, beam_size=beam_size, alpha=alpha
+    )
+    return [data.target.decode(row) for row in ids]
 
 
 @command

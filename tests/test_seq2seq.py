@@ -232,3 +232,17 @@ def test_tiny_transformer_learns_to_reverse_sequences_with_fit():
     assert exact >= 0.9, exact
     beam = np.asarray(seq2seq.beam_search(result.state.model(), test["src"], 7, beam_size=3))
     assert np.mean(np.all(beam == test["tgt_out"], axis=1)) >= 0.9
+
+
+def test_decoding_in_batches_equals_decoding_all_rows_at_once():
+    model = spread(transformer())
+    src = np.asarray(source(batch=7))
+    whole_greedy = np.asarray(seq2seq.greedy_decode(model, src, 10))
+    whole_beam = np.asarray(seq2seq.beam_search(model, src, 10, beam_size=3, alpha=0.6))
+    # 7 rows in batches of 3: the last batch is filled up and the filling dropped.
+    greedy = seq2seq.decode_in_batches(model, src, 10, batch_size=3)
+    beam = seq2seq.decode_in_batches(model, src, 10, batch_size=3, beam_size=3, alpha=0.6)
+    assert greedy.shape == beam.shape == (7, 10)
+    np.testing.assert_array_equal(greedy, whole_greedy)
+    np.testing.assert_array_equal(beam, whole_beam)
+    assert len(np.unique(whole_greedy)) >= 3  # not blind: the rows use several tokens

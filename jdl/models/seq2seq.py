@@ -500,6 +500,42 @@ def _greedy_recompute(graphdef, state, src, max_len, bos_id, eos_id):
     return buffer[:, 1:]
 
 
+def decode_in_batches(
+    model: nnx.Module,
+    src: np.ndarray,
+    max_len: int,
+    *,
+    batch_size: int,
+    beam_size: int = 0,
+    alpha: float = 0.0,
+) -> np.ndarray:
+    """`greedy_decode` (beam_size 0) or `beam_search` over every row of `src`, in batches.
+
+    The last batch is filled up with copies of the first row, so one shape compiles.
+
+    Args:
+      model: as `greedy_decode`.
+      src: int (N, S) source ids.
+      max_len: the most tokens generated per row.
+      batch_size: rows per call.
+      beam_size: 0 for greedy decoding, else the beam width.
+      alpha: `beam_search`'s length-penalty exponent.
+
+    Returns:
+      int (N, max_len) token ids, one row per source row.
+    """
+    out = []
+    for start in range(0, len(src), batch_size):
+        chunk = src[start : start + batch_size]
+        filled = np.concatenate([chunk, np.repeat(src[:1], batch_size - len(chunk), axis=0)])
+        if beam_size:
+            ids = beam_search(model, filled, max_len, beam_size=beam_size, alpha=alpha)
+        else:
+            ids = greedy_decode(model, filled, max_len)
+        out.append(np.asarray(ids)[: len(chunk)])
+    return np.concatenate(out)
+
+
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     """GNMT's length normalisation `((5 + length) / 6) ** alpha` (Wu et al. 2016)."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
